@@ -1,0 +1,1 @@
+"""Helpers for the breast ultrasound segmentation + classification bundle: only what MONAI lacks."""
