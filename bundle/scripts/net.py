@@ -1,0 +1,182 @@
+"""Multi-task residual U-Net: one shared encoder, a segmentation decoder and a classification head.
+
+The layout follows segmentation_models_pytorch (encoder -> features -> decoder -> heads), and the decoder and
+segmentation head are MONAI's own (``monai.networks.nets.flexible_unet``), so each part can be swapped alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.blocks import ResidualUnit
+from monai.networks.layers.factories import Act, Norm
+from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
+from torch import nn
+
+__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet"]
+
+
+class ResidualEncoder(nn.Module):
+    """Stack of strided residual units that returns the feature map of every stage.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: number of input channels.
+        channels: output channels of each stage; the last stage is the bottleneck.
+        strides: stride of each stage, same length as ``channels``.
+        num_res_units: convolutions inside each residual unit.
+        act: activation type and arguments.
+        norm: normalisation type and arguments.
+        dropout: dropout ratio inside the residual units.
+
+    Returns:
+        ``forward`` returns ``[input, stage_1, ..., stage_n]``, the format ``UNetDecoder`` expects.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        channels: Sequence[int],
+        strides: Sequence[int],
+        num_res_units: int = 2,
+        act: str | tuple = Act.PRELU,
+        norm: str | tuple = Norm.BATCH,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f"channels {tuple(channels)} and strides {tuple(strides)} must have the same length.")
+        stages = []
+        previous = in_channels
+        for width, stride in zip(channels, strides):
+            stages.append(
+                ResidualUnit(
+                    spatial_dims=spatial_dims,
+                    in_channels=previous,
+                    out_channels=width,
+                    strides=stride,
+                    subunits=num_res_units,
+                    act=act,
+                    norm=norm,
+                    dropout=dropout,
+                )
+            )
+            previous = width
+        self.stages = nn.ModuleList(stages)
+        self.out_channels = [in_channels, *channels]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = [x]
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+class ClassificationHead(nn.Module):
+    """Global average pooling of a feature map followed by a small fully connected classifier.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: channels of the pooled feature map.
+        num_classes: number of output logits.
+        hidden_channels: width of the hidden fully connected layer.
+        dropout: dropout ratio before each fully connected layer.
+    """
+
+    def __init__(
+        self, spatial_dims: int, in_channels: int, num_classes: int, hidden_channels: int = 128, dropout: float = 0.3
+    ) -> None:
+        super().__init__()
+        pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        self.layers = nn.Sequential(
+            pool,
+            nn.Flatten(1),
+            nn.Dropout(dropout),
+            nn.Linear(in_channels, hidden_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_channels, num_classes),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+class MultiTaskResUNet(nn.Module):
+    """Residual U-Net that segments lesions and classifies the whole image.
+
+    The segmentation decoder uses every encoder stage as a skip connection; the classification head reads the
+    pooled bottleneck, so both tasks train one shared encoder.
+
+    Args:
+        spatial_dims: number of spatial dimensions.
+        in_channels: number of input channels.
+        seg_out_channels: segmentation classes including background (background, benign, malignant).
+        num_classes: image classes (normal, benign, malignant).
+        channels: encoder widths per stage; the last one is the bottleneck.
+        strides: encoder strides per stage.
+        decoder_channels: decoder widths, one per encoder stage.
+        num_res_units: convolutions inside each encoder residual unit.
+        act: activation type and arguments.
+        norm: normalisation type and arguments.
+        dropout: dropout ratio in the encoder and decoder blocks.
+        cls_hidden_channels: width of the classifier's hidden layer.
+        cls_dropout: dropout ratio of the classifier.
+        upsample: decoder upsampling mode: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
+
+    Returns:
+        ``forward`` returns ``{"pred": segmentation logits (B, seg_out_channels, *spatial),
+        "cls": class logits (B, num_classes)}``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        seg_out_channels: int = 3,
+        num_classes: int = 3,
+        channels: Sequence[int] = (16, 32, 64, 128, 256),
+        strides: Sequence[int] = (2, 2, 2, 2, 2),
+        decoder_channels: Sequence[int] = (128, 64, 32, 16, 16),
+        num_res_units: int = 2,
+        act: str | tuple = Act.PRELU,
+        norm: str | tuple = Norm.BATCH,
+        dropout: float = 0.0,
+        cls_hidden_channels: int = 128,
+        cls_dropout: float = 0.3,
+        upsample: str = "deconv",
+    ) -> None:
+        super().__init__()
+        if len(decoder_channels) != len(channels):
+            raise ValueError("decoder_channels needs one width per encoder stage.")
+        self.encoder = ResidualEncoder(
+            spatial_dims, in_channels, channels, strides, num_res_units=num_res_units, act=act, norm=norm, dropout=dropout
+        )
+        self.decoder = UNetDecoder(
+            spatial_dims=spatial_dims,
+            encoder_channels=self.encoder.out_channels,
+            decoder_channels=decoder_channels,
+            act=act,
+            norm=norm,
+            dropout=dropout,
+            bias=False,
+            upsample=upsample,
+            pre_conv="default",
+            interp_mode="nearest",
+            align_corners=None,
+            is_pad=True,
+        )
+        self.segmentation_head = SegmentationHead(spatial_dims, decoder_channels[-1], seg_out_channels, kernel_size=3)
+        self.classification_head = ClassificationHead(
+            spatial_dims, channels[-1], num_classes, hidden_channels=cls_hidden_channels, dropout=cls_dropout
+        )
+        self.skip_connect = len(channels) - 1
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.encoder(x)
+        seg_logits = self.segmentation_head(self.decoder(features, self.skip_connect))
+        cls_logits = self.classification_head(features[-1])
+        return {"pred": seg_logits, "cls": cls_logits}

@@ -1,0 +1,24 @@
+"""Shared fixtures: the bundle folder on sys.path and small generated datasets."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "bundle"
+SHARED_DIR = REPO_ROOT.parent / "shared"
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory) -> Path:
+    """A small generated dataset in the BUSI layout (12 images per class), shared by the session."""
+    from scripts.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "Dataset_synthetic"
+    generate_dataset(str(root), num_per_class=12, seed=0)
+    return root
