@@ -1,0 +1,352 @@
+"""Reading inputs and writing predictions for the inference workflow.
+
+Every output is written atomically (a temporary file in the same folder, then ``os.replace``), so an
+interrupted run never leaves a half-written file behind or damages the result of an earlier run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from monai.data import ITKReader, NibabelReader, PILReader
+from monai.utils import optional_import
+from PIL import Image
+
+from .transforms import CLASS_NAMES, pil_to_supported_mode
+
+itk, _ = optional_import("itk")
+nib, _ = optional_import("nibabel")
+Events, _ = optional_import("ignite.engine", name="Events")
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "image_readers",
+    "list_images",
+    "atomic_write",
+    "save_label_map",
+    "save_overlay",
+    "PredictionWriter",
+]
+
+logger = logging.getLogger(__name__)
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom")
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES
+MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+LESION_COLOURS_BGR = {1: (0, 200, 0), 2: (0, 0, 230)}  # benign green, malignant red
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """Lower-case file suffix, with ``.nii.gz`` kept whole."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    """File name without its (possibly double) suffix."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(path))]
+
+
+def image_readers() -> list:
+    """Readers for ``LoadImage``: PIL for 2D formats, nibabel for NIfTI, ITK for everything else (DICOM, NRRD).
+
+    ``LoadImage`` tries readers from last to first by file suffix, so PIL and nibabel take their own formats
+    and ITK takes the rest.
+
+    Returns:
+        Reader instances in registration order.
+    """
+    return [ITKReader(), NibabelReader(), PILReader(converter=pil_to_supported_mode)]
+
+
+def check_readable(path: str) -> None:
+    """Decode a whole image file once, so that a truncated or corrupt file is found before the run.
+
+    PIL's decompression-bomb guard bounds memory: an image of more than about 179 million pixels is refused.
+
+    Args:
+        path: image file.
+
+    Raises:
+        ValueError: naming the file and the reason.
+    """
+    suffix = suffix_of(path)
+    try:
+        if os.path.getsize(path) == 0:
+            raise ValueError("the file is empty")
+        if suffix in PIL_SUFFIXES:
+            with Image.open(path) as image:
+                image.load()
+        elif suffix in NIFTI_SUFFIXES:
+            nib.load(path).get_fdata(dtype=np.float32)
+        else:
+            itk.imread(path)
+    except Exception as error:  # every reader has its own exception types
+        raise ValueError(f"{path}: cannot read this image ({type(error).__name__}: {error})") from error
+
+
+def list_images(
+    path: str, output_dir: str | None = None, exclude_masks: bool = True, skip_invalid: bool = True
+) -> list[dict[str, str]]:
+    """List the images to predict: one file, or every supported image under a folder (recursively).
+
+    Hidden files, non-image files and (by default) BUSI ``_mask`` files are left out. Each image is decoded
+    once; an unreadable one is reported (logged, and listed in ``<output_dir>/skipped.csv``) and skipped.
+
+    Args:
+        path: an image file or a folder.
+        output_dir: where to write ``skipped.csv`` (only when something was skipped).
+        exclude_masks: leave out files whose name ends with ``_mask`` or ``_mask_<k>``.
+        skip_invalid: skip unreadable images instead of raising.
+
+    Returns:
+        ``[{"image": absolute path}, ...]`` in sorted order.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        ValueError: no image found, or an unreadable image when ``skip_invalid`` is False.
+    """
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"{root}: no such file or folder.")
+    if root.is_file():
+        candidates = [root]
+    else:
+        candidates = sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and suffix_of(p) in IMAGE_SUFFIXES
+            and not (exclude_masks and MASK_NAME.search(stem_of(p)))
+        )
+    images, skipped = [], []
+    for candidate in candidates:
+        try:
+            check_readable(str(candidate))
+        except ValueError as error:
+            if not skip_invalid:
+                raise
+            logger.warning(f"skipped: {error}")
+            skipped.append({"file": str(candidate), "reason": str(error)})
+            continue
+        images.append({"image": str(candidate)})
+    if skipped and output_dir:
+        write_table(Path(output_dir) / "skipped.csv", ["file", "reason"], skipped)
+    if not images:
+        raise ValueError(f"{root}: no readable image ({', '.join(IMAGE_SUFFIXES)}) found; skipped {len(skipped)}.")
+    return images
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Write a file through ``write(temporary_path)``, then move it into place in one step.
+
+    Args:
+        path: final file path; its folder is created if missing.
+        write: function that writes the file it is given (the temporary path keeps the final suffix).
+
+    Returns:
+        The final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{stem_of(path)}.{os.getpid()}.tmp{suffix_of(path)}")
+    try:
+        write(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def write_table(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> Path:
+    """Write rows as CSV atomically."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(fields))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
+
+
+def label_map_suffix(source: str) -> str:
+    """Output format of a label map: PNG for 2D picture formats, NIfTI for NIfTI, NRRD for the rest."""
+    suffix = suffix_of(source)
+    if suffix in PIL_SUFFIXES:
+        return ".png"
+    return ".nii.gz" if suffix in NIFTI_SUFFIXES else ".nrrd"
+
+
+def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) -> Path:
+    """Save a 2D label map with the size and geometry of its source image.
+
+    Args:
+        label_map: ``(X, Y)`` uint8 label map in MONAI's axis order (the source's first axis first).
+        source: the input image file; NIfTI and ITK geometry (affine, origin, spacing, direction) is copied.
+        path: output file; ``.png``, ``.nii.gz`` or ``.nrrd`` as given by :py:func:`label_map_suffix`.
+
+    Returns:
+        The written path.
+    """
+    label_map = np.ascontiguousarray(label_map, dtype=np.uint8)
+    suffix = suffix_of(path)
+    if suffix == ".png":
+        return atomic_write(path, lambda tmp: Image.fromarray(label_map.T).save(tmp, format="PNG"))
+    if suffix in NIFTI_SUFFIXES:
+        reference = nib.load(source)
+        data = label_map.reshape(label_map.shape + (1,) * (len(reference.shape) - 2))[..., :1] if len(
+            reference.shape
+        ) > 2 else label_map
+        header = reference.header.copy()
+        header.set_data_dtype(np.uint8)
+        return atomic_write(path, lambda tmp: nib.save(nib.Nifti1Image(data, reference.affine, header), tmp))
+    reader = itk.ImageFileReader.New(FileName=str(source))
+    reader.UpdateOutputInformation()
+    reference = reader.GetOutput()
+    dimension = reference.GetImageDimension()
+    array = label_map.T if dimension == 2 else label_map.T[None]
+    image = itk.image_from_array(np.ascontiguousarray(array))  # itk reads the buffer, not the strides
+    image.SetOrigin(reference.GetOrigin())
+    image.SetSpacing(reference.GetSpacing())
+    image.SetDirection(reference.GetDirection())
+    return atomic_write(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """Scale a ``(X, Y)`` image to uint8 ``(H, W)`` for display (1st-99th percentile window)."""
+    low, high = np.percentile(image, (1, 99))
+    scaled = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    return scaled.astype(np.uint8).T
+
+
+def save_overlay(
+    image: np.ndarray, label_map: np.ndarray, path: str | os.PathLike, caption: str = "", alpha: float = 0.35
+) -> Path:
+    """Save an RGB overlay of the label map on the image, lesion outlined, benign green and malignant red.
+
+    Args:
+        image: ``(X, Y)`` image (any intensity range).
+        label_map: ``(X, Y)`` label map of the same size.
+        path: output PNG file.
+        caption: text written in the top-left corner.
+        alpha: opacity of the lesion fill.
+
+    Returns:
+        The written path.
+    """
+    grey = display_image(image)
+    overlay = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    labels = np.ascontiguousarray(label_map.T, dtype=np.uint8)
+    for value, colour in LESION_COLOURS_BGR.items():
+        region = (labels == value).astype(np.uint8)
+        if not region.any():
+            continue
+        fill = overlay.copy()
+        fill[region > 0] = colour
+        overlay = cv2.addWeighted(fill, alpha, overlay, 1 - alpha, 0)
+        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(overlay, contours, -1, colour, 1)
+    if caption:
+        scale = max(overlay.shape[1] / 600, 0.4)
+        cv2.putText(overlay, caption, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    return atomic_write(path, lambda tmp: cv2.imwrite(tmp, overlay) or (_ for _ in ()).throw(OSError(tmp)))
+
+
+class PredictionWriter:
+    """Ignite handler that writes, per image, the label map, an overlay and a row of class probabilities.
+
+    Per input ``<name>.<ext>`` it writes ``<name>_seg.<png|nii.gz|nrrd>`` (label map at the input's size and
+    geometry: 0 background, 1 benign lesion, 2 malignant lesion) and ``<name>_overlay.png``; inputs from
+    sub-folders keep their relative folder. ``predictions.csv`` and ``predictions.json`` list the predicted
+    class and the probabilities of every image; both are written when the run completes.
+
+    Args:
+        output_dir: output folder.
+        input_root: folder the inputs were listed from, to mirror sub-folders (``None``: flat output).
+        class_names: class names, index order.
+        label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
+        cls_prob_key: key of the class probabilities.
+        cls_pred_key: key of the predicted class index.
+        image_key: key of the image at the input's size, for overlays.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        input_root: str | None = None,
+        class_names: Sequence[str] = CLASS_NAMES,
+        label_map_key: str = "seg_pred",
+        cls_prob_key: str = "cls",
+        cls_pred_key: str = "cls_pred",
+        image_key: str = "display_image",
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        root = Path(input_root).expanduser().resolve() if input_root else None
+        self.input_root = root if root is not None and root.is_dir() else None
+        self.class_names = list(class_names)
+        self.label_map_key = label_map_key
+        self.cls_prob_key = cls_prob_key
+        self.cls_pred_key = cls_pred_key
+        self.image_key = image_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        """Register the handler with an ignite engine."""
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_batch)
+        engine.add_event_handler(Events.COMPLETED, self.write_tables)
+
+    def reset(self, engine=None) -> None:
+        self.rows = []
+
+    def output_stem(self, source: str) -> Path:
+        """Output path without suffix for a source image."""
+        source_path = Path(source).resolve()
+        if self.input_root is not None and self.input_root in source_path.parents:
+            relative = source_path.parent.relative_to(self.input_root)
+            return self.output_dir / relative / stem_of(source_path)
+        return self.output_dir / stem_of(source_path)
+
+    def write_one(self, item: dict) -> dict:
+        """Write the files of one prediction and return its table row."""
+        image = item[self.image_key]
+        source = str(image.meta["filename_or_obj"])
+        label_map = torch.as_tensor(item[self.label_map_key])[0].cpu().numpy().astype(np.uint8)
+        probabilities = torch.as_tensor(item[self.cls_prob_key]).float().cpu().numpy().reshape(-1)
+        predicted = int(item[self.cls_pred_key])
+        stem = self.output_stem(source)
+        label_path = save_label_map(label_map, source, f"{stem}_seg{label_map_suffix(source)}")
+        caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}"
+        overlay_path = save_overlay(torch.as_tensor(image)[0].float().cpu().numpy(), label_map, f"{stem}_overlay.png", caption)
+        row = {"image": source, "label_map": str(label_path), "overlay": str(overlay_path)}
+        row["predicted_class"] = self.class_names[predicted]
+        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(self.class_names, probabilities)})
+        row["lesion_pixels"] = int((label_map > 0).sum())
+        return row
+
+    def write_batch(self, engine) -> None:
+        outputs = engine.state.output
+        for item in outputs if isinstance(outputs, list) else [outputs]:
+            self.rows.append(self.write_one(item))
+
+    def write_tables(self, engine=None) -> None:
+        if not self.rows:
+            return
+        write_table(self.output_dir / "predictions.csv", list(self.rows[0]), self.rows)
+        text = json.dumps({"class_names": self.class_names, "predictions": self.rows}, indent=2)
+        atomic_write(self.output_dir / "predictions.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        logger.info(f"wrote {len(self.rows)} predictions to {self.output_dir}")

@@ -1,0 +1,328 @@
+"""Dictionary transforms that MONAI lacks for 2D breast ultrasound.
+
+MONAI loads PNG/JPG/BMP, DICOM, NIfTI and NRRD, but those files reach the network in many shapes (RGB,
+RGBA, palette, 16-bit, single-slice volumes, cine DICOM). These transforms reduce all of them to one 2D
+channel, build the class-coded label map from BUSI's lesion masks, and turn the two network outputs into one
+label map that agrees with the predicted class.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping
+
+import cv2
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform
+
+__all__ = [
+    "CLASS_NAMES",
+    "pil_to_supported_mode",
+    "to_single_channel_2d",
+    "SingleChannel2Dd",
+    "LoadLesionLabeld",
+    "SpeckleDenoised",
+    "LesionLabelMapd",
+    "class_from_label_map",
+    "ClassFromLabeld",
+]
+
+CLASS_NAMES = ("normal", "benign", "malignant")
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+logger = logging.getLogger(__name__)
+
+
+def pil_to_supported_mode(image):
+    """Convert PIL modes that carry no plain intensities (palette, bilevel, CMYK, LA) to ones that do.
+
+    Used as ``PILReader(converter=...)``; 8-bit, 16-bit, float, RGB and RGBA images pass unchanged.
+
+    Args:
+        image: a ``PIL.Image.Image``.
+
+    Returns:
+        The image in mode ``L``, ``RGB``, ``RGBA``, ``I;16``, ``I`` or ``F``.
+    """
+    if image.mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("1", "LA", "La"):
+        return image.convert("L")
+    if image.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        return image.convert("RGB")
+    return image
+
+
+def to_single_channel_2d(img: torch.Tensor, reduction: str = "luminance", source: str = "") -> torch.Tensor:
+    """Reduce a channel-first image to shape ``(1, X, Y)``.
+
+    Singleton spatial axes (single-slice NIfTI/NRRD, one-frame DICOM) are dropped; of a multi-frame (cine)
+    image the first frame is kept, with a warning. Colour channels become one: luminance of RGB (alpha is
+    ignored), or their maximum for label maps.
+
+    Args:
+        img: channel-first image ``(C, X, Y[, Z...])``.
+        reduction: ``"luminance"`` for images, ``"max"`` for label maps.
+        source: file name for messages.
+
+    Returns:
+        A ``(1, X, Y)`` tensor (a MetaTensor stays a MetaTensor).
+
+    Raises:
+        ValueError: for a true 3D volume or an unsupported channel count.
+    """
+    if img.ndim < 3:
+        raise ValueError(f"{source}: expected a 2D image, got shape {tuple(img.shape)}.")
+    for axis in range(img.ndim - 1, 0, -1):  # drop singleton spatial axes, last first
+        if img.ndim > 3 and img.shape[axis] == 1:
+            img = img.squeeze(axis)
+    if img.ndim > 3:
+        logger.warning(f"{source}: {tuple(img.shape[3:])} frames or slices, using the first one.")
+        img = img[(slice(None),) * 3 + (0,) * (img.ndim - 3)]
+    channels = img.shape[0]
+    if channels == 1:
+        return img
+    if reduction == "max":  # label maps: any colour channel, never alpha
+        return img[: 3 if channels == 4 else channels].amax(dim=0, keepdim=True)
+    if channels == 2:  # grey + alpha
+        return img[:1]
+    if channels in (3, 4):
+        weights = torch.as_tensor(LUMINANCE_WEIGHTS, dtype=torch.float32, device=img.device).view(3, 1, 1)
+        return (img[:3].float() * weights).sum(dim=0, keepdim=True)
+    raise ValueError(f"{source}: cannot reduce {channels} channels to one.")
+
+
+def _source(data: Mapping, key: Hashable) -> str:
+    value = data.get(key)
+    if isinstance(value, MetaTensor):
+        return str(value.meta.get("filename_or_obj", key))
+    return str(value) if isinstance(value, str) else str(key)
+
+
+class SingleChannel2Dd(MapTransform):
+    """Dictionary version of :py:func:`to_single_channel_2d`.
+
+    Args:
+        keys: keys of the items to reduce.
+        reduction: ``"luminance"`` for images, ``"max"`` for label maps.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, reduction: str = "luminance", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reduction = reduction
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = to_single_channel_2d(d[key], self.reduction, source=_source(d, key))
+        return d
+
+
+class LoadLesionLabeld(MapTransform):
+    """Build the class-coded label map (0 background, 1 benign, 2 malignant) of an image.
+
+    Two kinds of entries are accepted, so that BUSI folders and MONAI Label's image + label pairs share one
+    pipeline:
+
+    - ``masks`` (list of mask files) and ``class`` (0, 1, 2): the lesion is the union of the non-zero pixels of
+      all masks and gets the class value (a normal image gets an empty map);
+    - ``label`` (a label-map file with values 0, 1, 2): loaded as it is.
+
+    The image must already be loaded under ``image_key``; the label map must match its spatial size.
+
+    Args:
+        image_key: key of the loaded image.
+        label_key: key to write the ``(1, X, Y)`` label map to (and to read a label-map file from).
+        masks_key: key of the list of BUSI mask files.
+        class_key: key of the class index for ``masks`` entries.
+        loader: loader for masks and label maps; by default a ``LoadImage`` with channel-first output.
+        num_classes: number of classes, for validating label-map values.
+    """
+
+    def __init__(
+        self,
+        image_key: str = "image",
+        label_key: str = "label",
+        masks_key: str = "masks",
+        class_key: str = "class",
+        loader: LoadImage | None = None,
+        num_classes: int = len(CLASS_NAMES),
+    ) -> None:
+        super().__init__(keys=[label_key], allow_missing_keys=True)
+        self.image_key = image_key
+        self.label_key = label_key
+        self.masks_key = masks_key
+        self.class_key = class_key
+        self.loader = loader or LoadImage(image_only=True, ensure_channel_first=True)
+        self.num_classes = num_classes
+
+    def _load_2d(self, path: str) -> torch.Tensor:
+        return to_single_channel_2d(self.loader(path), reduction="max", source=path)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        image = d[self.image_key]
+        if self.masks_key in d:
+            mask_files = d[self.masks_key]
+            mask_files = [mask_files] if isinstance(mask_files, str) else list(mask_files)
+            if not mask_files:
+                raise ValueError(f"{_source(d, self.image_key)}: no mask file listed.")
+            class_index = int(d[self.class_key])
+            lesion = None
+            for path in mask_files:
+                mask = self._load_2d(path)
+                self._check_size(mask, image, path, d)
+                lesion = mask > 0 if lesion is None else lesion | (mask > 0)
+            label = lesion.to(torch.uint8) * class_index
+            label = MetaTensor(label.as_tensor() if isinstance(label, MetaTensor) else label, meta=dict(mask.meta))
+        elif isinstance(d.get(self.label_key), str):
+            path = d[self.label_key]
+            label = self._load_2d(path)
+            self._check_size(label, image, path, d)
+            values = torch.unique(label)
+            if values.min() < 0 or values.max() >= self.num_classes or not torch.all(values == values.round()):
+                raise ValueError(
+                    f"{path}: label values must be integers in 0..{self.num_classes - 1} "
+                    f"(0 background, 1 benign, 2 malignant), found {values.tolist()[:10]}."
+                )
+            label = label.to(torch.uint8)
+        else:
+            raise KeyError(f"{_source(d, self.image_key)}: needs '{self.masks_key}' + '{self.class_key}' or '{self.label_key}'.")
+        d[self.label_key] = label
+        return d
+
+    def _check_size(self, mask: torch.Tensor, image: torch.Tensor, path: str, d: Mapping) -> None:
+        if tuple(mask.shape[1:]) != tuple(image.shape[1:]):
+            raise ValueError(
+                f"{path}: mask size {tuple(mask.shape[1:])} differs from image "
+                f"{_source(d, self.image_key)} size {tuple(image.shape[1:])}."
+            )
+
+
+class SpeckleDenoised(MapTransform):
+    """Reduce ultrasound speckle with an edge-preserving OpenCV filter.
+
+    Args:
+        keys: keys of ``(1, X, Y)`` images.
+        method: ``"none"``, ``"median"``, ``"bilateral"`` or ``"nlmeans"`` (non-local means).
+        kernel_size: median kernel size, or bilateral neighbourhood diameter.
+        strength: bilateral sigma (in units of the image's intensity range / 255) or non-local means ``h``.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    methods = ("none", "median", "bilateral", "nlmeans")
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        method: str = "median",
+        kernel_size: int = 3,
+        strength: float = 10.0,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if method not in self.methods:
+            raise ValueError(f"denoising method must be one of {self.methods}, got '{method}'.")
+        self.method = method
+        self.kernel_size = kernel_size
+        self.strength = strength
+
+    def denoise(self, plane: np.ndarray) -> np.ndarray:
+        """Denoise one 2D float32 plane."""
+        if self.method == "median":
+            return cv2.medianBlur(plane, self.kernel_size)
+        low, high = float(plane.min()), float(plane.max())
+        scale = (high - low) / 255.0 or 1.0
+        if self.method == "bilateral":
+            return cv2.bilateralFilter(plane, self.kernel_size, self.strength * scale, self.kernel_size / 2)
+        as_uint8 = np.clip((plane - low) / scale, 0, 255).astype(np.uint8)
+        window = 2 * (self.kernel_size // 2) + 1
+        denoised = cv2.fastNlMeansDenoising(as_uint8, None, h=self.strength, templateWindowSize=window)
+        return denoised.astype(np.float32) * scale + low
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        if self.method == "none":
+            return d
+        for key in self.key_iterator(d):
+            img = d[key]
+            plane = np.ascontiguousarray(img[0].detach().cpu().numpy(), dtype=np.float32)
+            denoised = torch.from_numpy(self.denoise(plane))[None]
+            d[key] = img.clone().copy_(denoised) if isinstance(img, torch.Tensor) else denoised
+        return d
+
+
+class LesionLabelMapd(MapTransform):
+    """Turn segmentation and class probabilities into one label map that agrees with the predicted class.
+
+    A pixel is lesion where the lesion probability (benign + malignant channels) exceeds ``threshold``; all
+    lesion pixels take the predicted image class, and an image classified normal gets an empty map.
+
+    Args:
+        seg_key: key of segmentation probabilities ``(3, X, Y)``.
+        cls_key: key of class probabilities ``(3,)``.
+        label_map_key: key to write the ``(1, X, Y)`` uint8 label map to.
+        cls_pred_key: key to write the predicted class index to.
+        threshold: lesion probability threshold.
+    """
+
+    def __init__(
+        self,
+        seg_key: str = "pred",
+        cls_key: str = "cls",
+        label_map_key: str = "seg_pred",
+        cls_pred_key: str = "cls_pred",
+        threshold: float = 0.5,
+    ) -> None:
+        super().__init__(keys=[seg_key, cls_key])
+        self.seg_key = seg_key
+        self.cls_key = cls_key
+        self.label_map_key = label_map_key
+        self.cls_pred_key = cls_pred_key
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        seg, cls = d[self.seg_key], d[self.cls_key]
+        predicted_class = int(torch.argmax(cls))
+        lesion = (1.0 - seg[:1]) > self.threshold
+        d[self.label_map_key] = (lesion.to(torch.uint8) * predicted_class).to(torch.uint8)
+        d[self.cls_pred_key] = torch.tensor(predicted_class)
+        return d
+
+
+def class_from_label_map(label: torch.Tensor) -> torch.Tensor:
+    """Image class of a label map: its largest value (normal maps are empty).
+
+    Args:
+        label: label map ``(1, X, Y)`` or batch ``(B, 1, X, Y)``.
+
+    Returns:
+        Class index tensor: 0-d for one map, ``(B,)`` for a batch.
+    """
+    if label.ndim == 4:
+        return label.flatten(1).amax(dim=1).long()
+    return label.max().long()
+
+
+class ClassFromLabeld(MapTransform):
+    """Write the image class derived from a label map (see :py:func:`class_from_label_map`).
+
+    Args:
+        keys: key of the label map.
+        output_key: key to write the class index to.
+    """
+
+    def __init__(self, keys: KeysCollection = "label", output_key: str = "cls_label") -> None:
+        super().__init__(keys)
+        self.output_key = output_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = class_from_label_map(torch.as_tensor(d[key]))
+        return d
+

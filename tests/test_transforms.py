@@ -1,0 +1,181 @@
+"""Loading every supported image flavour to one 2D channel, label maps, denoising, consistent predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImage, LoadImaged
+from PIL import Image
+
+from scripts.io import image_readers
+from scripts.transforms import (
+    LesionLabelMapd,
+    LoadLesionLabeld,
+    SingleChannel2Dd,
+    SpeckleDenoised,
+    pil_to_supported_mode,
+    to_single_channel_2d,
+)
+
+H, W = 24, 32
+
+
+@pytest.fixture
+def grey() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (H, W), dtype=np.uint8)
+
+
+def _load(path) -> torch.Tensor:
+    data = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)({"image": str(path)})
+    return SingleChannel2Dd("image")(data)["image"]
+
+
+def _save_variants(grey: np.ndarray, folder) -> dict[str, object]:
+    rgb = np.stack([grey] * 3, -1)
+    paths = {
+        "grey.png": Image.fromarray(grey),
+        "rgb.png": Image.fromarray(rgb),
+        "rgba.png": Image.fromarray(np.dstack([rgb, np.full((H, W), 128, np.uint8)])),
+        "grey16.png": Image.fromarray(grey.astype(np.uint16) * 257),
+        "palette.png": Image.fromarray(rgb).quantize(colors=256),
+        "grey.bmp": Image.fromarray(grey),
+        "grey alpha (1).png": Image.fromarray(np.dstack([grey, np.full((H, W), 255, np.uint8)]), mode="LA"),
+    }
+    for name, image in paths.items():
+        image.save(folder / name)
+    return paths
+
+
+def test_every_png_flavour_becomes_one_channel_in_monai_axis_order(tmp_path, grey):
+    _save_variants(grey, tmp_path)
+    for name in ("grey.png", "rgb.png", "rgba.png", "grey.bmp", "grey alpha (1).png"):
+        img = _load(tmp_path / name)
+        assert img.shape == (1, W, H), name  # MONAI's PIL reader puts the image's x axis first
+        np.testing.assert_allclose(img[0].numpy().T, grey, atol=1, err_msg=name)
+    sixteen = _load(tmp_path / "grey16.png")
+    np.testing.assert_allclose(sixteen[0].numpy().T, grey.astype(np.float32) * 257)
+    palette = _load(tmp_path / "palette.png")
+    assert palette.shape == (1, W, H)
+    assert np.corrcoef(palette[0].numpy().T.ravel(), grey.ravel())[0, 1] > 0.95  # palette indices would not be
+
+
+def test_jpeg_loads(tmp_path, grey):
+    Image.fromarray(grey).save(tmp_path / "x.jpg", quality=95)
+    img = _load(tmp_path / "x.jpg")
+    assert img.shape == (1, W, H) and abs(float(img.mean()) - grey.mean()) < 2
+
+
+def test_single_slice_volumes(tmp_path, grey):
+    import itk
+    import nibabel as nib
+
+    volume = grey.T[:, :, None].astype(np.int16)  # (X, Y, 1)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.1, 0.1, 1.0, 1.0])), tmp_path / "slice.nii.gz")
+    itk.imwrite(itk.image_from_array(grey[None].astype(np.int16)), str(tmp_path / "slice.nrrd"))
+    for name in ("slice.nii.gz", "slice.nrrd"):
+        img = _load(tmp_path / name)
+        assert img.shape == (1, W, H), name
+        np.testing.assert_allclose(img[0].numpy().T, grey, err_msg=name)
+
+
+def test_cine_keeps_first_frame_and_rejects_bad_shapes():
+    frames = torch.arange(2 * 4 * 5 * 3, dtype=torch.float32).reshape(1, 4, 5, 6)
+    np.testing.assert_array_equal(to_single_channel_2d(frames), frames[..., 0])
+    with pytest.raises(ValueError, match="cannot reduce 5 channels"):
+        to_single_channel_2d(torch.zeros(5, 4, 4), source="odd.png")
+    with pytest.raises(ValueError, match="tiny.png"):
+        to_single_channel_2d(torch.zeros(1, 4), source="tiny.png")
+
+
+def test_palette_and_bilevel_modes_convert():
+    palette = Image.fromarray(np.zeros((4, 4, 3), np.uint8)).quantize(colors=4)
+    assert pil_to_supported_mode(palette).mode == "RGB"
+    assert pil_to_supported_mode(Image.new("1", (4, 4))).mode == "L"
+    sixteen = Image.fromarray(np.zeros((4, 4), np.uint16))
+    assert pil_to_supported_mode(sixteen).mode == sixteen.mode
+
+
+def _mask(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path)
+    return str(path)
+
+
+def _label_transform():
+    return LoadLesionLabeld(loader=LoadImage(reader=image_readers(), image_only=True, ensure_channel_first=True))
+
+
+def test_masks_are_merged_and_class_coded(tmp_path, grey):
+    Image.fromarray(grey).save(tmp_path / "benign (1).png")
+    first = np.zeros((H, W), np.uint8)
+    first[2:6, 2:6] = 255
+    second = np.zeros((H, W, 4), np.uint8)  # RGBA 0/255 with opaque alpha everywhere, as some BUSI masks
+    second[..., 3] = 255
+    second[10:12, 20:25, :3] = 255
+    binary = np.zeros((H, W), np.uint8)
+    binary[15:17, 3:5] = 1
+    masks = [
+        _mask(tmp_path / "benign (1)_mask.png", first),
+        _mask(tmp_path / "benign (1)_mask_1.png", second, "RGBA"),
+        _mask(tmp_path / "benign (1)_mask_2.png", binary),
+    ]
+    data = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)(
+        {"image": str(tmp_path / "benign (1).png"), "masks": masks, "class": 2}
+    )
+    label = _label_transform()(SingleChannel2Dd("image")(data))["label"]
+    expected = ((first > 0) | (second[..., 0] > 0) | (binary > 0)).astype(np.uint8) * 2
+    assert label.shape == (1, W, H) and label.dtype == torch.uint8
+    np.testing.assert_array_equal(label[0].numpy().T, expected)
+
+    normal = _label_transform()({**data, "class": 0})["label"]
+    assert int(normal.max()) == 0
+
+
+def test_label_map_entries_and_their_errors(tmp_path, grey):
+    Image.fromarray(grey).save(tmp_path / "img.png")
+    label_map = np.zeros((H, W), np.uint8)
+    label_map[3:7, 4:9] = 1
+    loader = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)
+    data = loader({"image": str(tmp_path / "img.png"), "label": _mask(tmp_path / "lab.png", label_map)})
+    label = _label_transform()(data)["label"]
+    np.testing.assert_array_equal(label[0].numpy().T, label_map)
+
+    bad_values = loader({"image": str(tmp_path / "img.png"), "label": _mask(tmp_path / "lab255.png", label_map * 255)})
+    with pytest.raises(ValueError, match="lab255.png.*0..2"):
+        _label_transform()(bad_values)
+
+    small = loader({"image": str(tmp_path / "img.png"), "masks": [_mask(tmp_path / "small mask.png", label_map[:10])],
+                    "class": 1})
+    with pytest.raises(ValueError, match="small mask.png.*differs"):
+        _label_transform()(small)
+
+
+@pytest.mark.parametrize("method, strength", [("median", 0), ("bilateral", 60), ("nlmeans", 30)])
+def test_denoising_reduces_speckle(method, strength):
+    rng = np.random.default_rng(0)
+    clean = np.full((64, 64), 100.0, np.float32)
+    noisy = clean * rng.gamma(4.0, 0.25, clean.shape).astype(np.float32)
+    image = torch.from_numpy(noisy)[None]
+    denoised = SpeckleDenoised("image", method=method, kernel_size=5, strength=strength)({"image": image})["image"]
+    assert denoised.shape == image.shape
+    assert float(denoised.std()) < 0.8 * float(image.std())
+    assert abs(float(denoised.mean()) - float(image.mean())) < 10
+
+
+def test_denoising_off_and_unknown():
+    image = torch.rand(1, 8, 8)
+    assert SpeckleDenoised("image", method="none")({"image": image})["image"] is image
+    with pytest.raises(ValueError, match="wavelet"):
+        SpeckleDenoised("image", method="wavelet")
+
+
+def test_predicted_map_agrees_with_predicted_class():
+    seg = torch.zeros(3, 4, 4)
+    seg[0] = 1.0
+    seg[0, 1:3, 1:3], seg[1, 1:3, 1:3] = 0.2, 0.8  # a lesion in the middle
+    transform = LesionLabelMapd()
+    malignant = transform({"pred": seg, "cls": torch.tensor([0.1, 0.2, 0.7])})
+    assert malignant["seg_pred"].unique().tolist() == [0, 2] and int(malignant["cls_pred"]) == 2
+    assert int((malignant["seg_pred"] > 0).sum()) == 4
+    normal = transform({"pred": seg, "cls": torch.tensor([0.6, 0.3, 0.1])})
+    assert int(normal["seg_pred"].max()) == 0 and int(normal["cls_pred"]) == 0
