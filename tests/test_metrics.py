@@ -176,7 +176,7 @@ def make_sample(gt: np.ndarray, pred: np.ndarray, cls_label: int, cls_pred: int,
         "image": image,
         "label": torch.as_tensor(gt, dtype=torch.float32).reshape(1, size, size),
         "seg_pred": torch.as_tensor(pred, dtype=torch.float32).reshape(1, size, size),
-        "cls_prob": prob,
+        "cls": prob,
         "cls_pred": torch.tensor(cls_pred),
         "cls_label": torch.tensor([cls_label]),
     }
@@ -279,7 +279,7 @@ def test_evaluation_report_end_to_end(tmp_path):
     assert summary["num_images"] == 9 and summary["num_lesion_images"] == 7
     seg = M.segmentation_metrics([s["seg_pred"] for s in flat], [s["label"] for s in flat])
     cls = M.classification_metrics(
-        [s["cls_prob"] for s in flat], [s["cls_pred"] for s in flat], [s["cls_label"] for s in flat]
+        [s["cls"] for s in flat], [s["cls_pred"] for s in flat], [s["cls_label"] for s in flat]
     )
     for k, v in seg.items():
         assert summary["segmentation"][k] == pytest.approx(v), k
@@ -302,7 +302,7 @@ def test_evaluation_report_end_to_end(tmp_path):
     np.testing.assert_allclose([float(r["lesion_dice"]) for r in rows], dice, atol=1e-6)
     np.testing.assert_allclose([float(r["lesion_iou"]) for r in rows], iou, atol=1e-6)
     np.testing.assert_allclose(
-        [float(r["prob_normal"]) for r in rows], [float(s["cls_prob"][0]) for s in flat], atol=1e-6
+        [float(r["prob_normal"]) for r in rows], [float(s["cls"][0]) for s in flat], atol=1e-6
     )
 
     for name in ("confusion_matrix.png", "roc_curves.png", "overlays.png"):

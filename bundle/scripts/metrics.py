@@ -626,7 +626,7 @@ class EvaluationReport:
     """Ignite handler writing an evaluation report of a segmentation + classification evaluator.
 
     It expects ``engine.state.output`` to be a list of per-sample dicts (decollated evaluator output) with keys
-    ``image``, ``label``, ``seg_pred``, ``cls_prob``, ``cls_pred``, ``cls_label`` (a dict of batched values is
+    ``image``, ``label``, ``seg_pred``, ``cls`` (class probabilities), ``cls_pred``, ``cls_label`` (a dict of batched values is
     decollated first). Per iteration it keeps, per sample, the maps as uint8, a percentile-rescaled uint8 display
     image downsampled to ``display_size``, the probabilities, the classes and the file name. At EPOCH_COMPLETED it
     computes :func:`segmentation_metrics` and :func:`classification_metrics` over the epoch, writes into
@@ -714,7 +714,7 @@ class EvaluationReport:
             "label": _map_uint8(item["label"]),
             "seg_pred": _map_uint8(item["seg_pred"]),
             "display": _display_image(image, self.display_size),
-            "prob": _as_tensor(item["cls_prob"]).detach().cpu().double().flatten().numpy(),
+            "prob": _as_tensor(item["cls"]).detach().cpu().double().flatten().numpy(),
             "cls_pred": int(_as_index_vector([item["cls_pred"]])[0]),
             "cls_label": int(_as_index_vector([item["cls_label"]])[0]),
         }
@@ -871,9 +871,10 @@ class EvaluationReport:
             r = records[i]
             true_name, pred_name = self.class_names[r["cls_label"]], self.class_names[r["cls_pred"]]
             panels = (
-                (np.repeat(r["display"][..., None] / 255.0, 3, axis=-1), f"{r['name']}"),
-                (_overlay(r["display"], r["label"]), f"ground truth: {true_name}"),
-                (_overlay(r["display"], r["seg_pred"]), f"pred: {pred_name}, Dice {dice[i]:.3f}"),
+                # MONAI arrays put the image's x axis first: transpose to rows-first for display
+                (np.repeat(r["display"].T[..., None] / 255.0, 3, axis=-1), f"{r['name']}"),
+                (_overlay(r["display"].T, r["label"].T), f"ground truth: {true_name}"),
+                (_overlay(r["display"].T, r["seg_pred"].T), f"pred: {pred_name}, Dice {dice[i]:.3f}"),
             )
             for col, (img, title) in enumerate(panels):
                 ax = fig.add_subplot(len(rows), 3, row * 3 + col + 1)
