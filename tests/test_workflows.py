@@ -1,0 +1,116 @@
+"""End to end: the three user commands (train, evaluate, infer) on generated data with a tiny network."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from .conftest import REPO_ROOT
+
+TINY_NETWORK = [
+    "--network_def#channels", "[8, 16, 32, 64]",
+    "--network_def#strides", "[2, 2, 2, 2]",
+    "--network_def#decoder_channels", "[32, 16, 8, 8]",
+    "--image_size", "[64, 64]",
+]  # fmt: skip
+TRAIN_CONFIG = "bundle/configs/train.json"
+EVALUATE_CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
+
+
+def run_bundle(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle`` from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, synthetic_dataset):
+    work = tmp_path_factory.mktemp("workflow")
+    common = [
+        "--dataset_dir", str(synthetic_dataset), "--datalist", str(work / "datalist.json"),
+        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), *TINY_NETWORK,
+    ]  # fmt: skip
+    run_bundle("training", "--config_file", TRAIN_CONFIG, *common, "--max_epochs", "2", "--batch_size", "4")
+    return work, common
+
+
+def test_training_writes_split_and_plain_state_dict(trained):
+    work, _ = trained
+    datalist = json.loads((work / "datalist.json").read_text())
+    assert {len(datalist[split]) > 0 for split in ("training", "validation", "test")} == {True}
+    checkpoint = torch.load(work / "models" / "model.pt", weights_only=True)
+    assert set(checkpoint) == {"model"} and "classification_head.layers.3.weight" in checkpoint["model"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(work / "eval"))
+
+
+def test_second_run_reuses_the_saved_split(trained):
+    work, common = trained
+    before = (work / "datalist.json").read_bytes()
+    run_bundle("--config_file", TRAIN_CONFIG, *common, "--max_epochs", "1", "--batch_size", "4")  # `run` id
+    assert (work / "datalist.json").read_bytes() == before
+
+
+def test_evaluation_writes_metrics_and_plots(trained):
+    work, common = trained
+    run_bundle("evaluating", "--config_file", EVALUATE_CONFIGS, *common, "--batch_size", "4")
+    metrics = json.loads((work / "eval" / "metrics.json").read_text())
+    datalist = json.loads((work / "datalist.json").read_text())
+    assert metrics["num_images"] == len(datalist["test"])
+    for key in ("lesion_dice", "lesion_iou", "pixel_accuracy", "mean_iou", "normal_false_positive_rate"):
+        assert 0.0 <= metrics["segmentation"][key] <= 1.0, key
+    for key in ("accuracy", "macro_f1"):
+        assert 0.0 <= metrics["classification"][key] <= 1.0, key
+    for plot in ("confusion_matrix.png", "roc_curves.png", "overlays.png"):
+        assert Image.open(work / "eval" / plot).size[0] > 100
+
+
+def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
+    import itk
+    import nibabel as nib
+
+    work, _ = trained
+    source = sorted((synthetic_dataset / "malignant").glob("* (1).png"))
+    inputs = tmp_path / "in put"
+    inputs.mkdir()
+    image = np.array(Image.open(source[0]).convert("L"))
+    Image.fromarray(image).save(inputs / "scan (1).png")
+    nib.save(nib.Nifti1Image(image.T[:, :, None].astype(np.int16), np.diag([0.1, 0.1, 1, 1])), inputs / "scan.nii.gz")
+    itk.imwrite(itk.image_from_array(image[None].astype(np.int16)), str(inputs / "scan.nrrd"))
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    run_bundle(
+        "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
+        "--ckpt_path", str(work / "models" / "model.pt"), *TINY_NETWORK,
+    )  # fmt: skip
+    with open(out / "predictions.csv", newline="") as stream:
+        rows = {Path(row["image"]).name: row for row in csv.DictReader(stream)}
+    assert set(rows) == {"scan (1).png", "scan.nii.gz", "scan.nrrd"}
+    assert "broken.png" in (out / "skipped.csv").read_text()
+    maps = {
+        "scan (1).png": np.array(Image.open(out / "scan (1)_seg.png")),
+        "scan.nii.gz": np.asarray(nib.load(out / "scan_seg.nii.gz").dataobj)[:, :, 0].T,
+        "scan.nrrd": itk.array_from_image(itk.imread(str(out / "scan_seg.nrrd")))[0],
+    }
+    for name, label_map in maps.items():
+        row = rows[name]
+        assert label_map.shape == image.shape, name
+        probabilities = [float(row[f"p_{c}"]) for c in ("normal", "benign", "malignant")]
+        assert abs(sum(probabilities) - 1) < 1e-4
+        predicted = ["normal", "benign", "malignant"].index(row["predicted_class"])
+        assert set(np.unique(label_map)) <= {0, predicted}, name  # the map agrees with the class
+        assert Image.open(out / f"{Path(name).name.split('.')[0]}_overlay.png").size == image.shape[::-1]
+    np.testing.assert_array_equal(maps["scan.nii.gz"], maps["scan (1).png"])
+    np.testing.assert_array_equal(maps["scan.nrrd"], maps["scan (1).png"])
