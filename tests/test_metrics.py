@@ -6,8 +6,6 @@ import csv
 import json
 import math
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,11 +17,7 @@ from monai.data import MetaTensor
 from monai.handlers import from_engine
 from PIL import Image
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "bundle"
-if str(BUNDLE_DIR) not in sys.path:
-    sys.path.insert(0, str(BUNDLE_DIR))
-
-from scripts import metrics as M
+from scripts import metrics as M  # the bundle folder is on sys.path (conftest.py)
 
 
 def square(size: int, top: int, left: int, side: int, value: int = 1, shape: tuple = ()) -> np.ndarray:

@@ -603,7 +603,7 @@ def _map_uint8(x: Any) -> np.ndarray:
 
 
 def _overlay(display: np.ndarray, seg: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """RGB ``(h, w, 3)`` blend of a uint8 display image and a 0/1/2 map (resized nearest) with MONAI ``blend_images``."""
+    """RGB ``(h, w, 3)`` blend of a uint8 display image and a 0/1/2 map (resized nearest), by ``blend_images``."""
     from matplotlib.colors import ListedColormap
 
     h, w = display.shape
@@ -626,10 +626,11 @@ class EvaluationReport:
     """Ignite handler writing an evaluation report of a segmentation + classification evaluator.
 
     It expects ``engine.state.output`` to be a list of per-sample dicts (decollated evaluator output) with keys
-    ``image``, ``label``, ``seg_pred``, ``cls`` (class probabilities), ``cls_pred``, ``cls_label`` (a dict of batched values is
-    decollated first). Per iteration it keeps, per sample, the maps as uint8, a percentile-rescaled uint8 display
-    image downsampled to ``display_size``, the probabilities, the classes and the file name. At EPOCH_COMPLETED it
-    computes :func:`segmentation_metrics` and :func:`classification_metrics` over the epoch, writes into
+    ``image``, ``label``, ``seg_pred``, ``cls`` (class probabilities), ``cls_pred``, ``cls_label`` (a dict of
+    batched values is decollated first). Per iteration it keeps, per sample, the maps as uint8, a
+    percentile-rescaled uint8 display image downsampled to ``display_size``, the probabilities, the classes and
+    the file name. At EPOCH_COMPLETED it computes :func:`segmentation_metrics` and :func:`classification_metrics`
+    over the epoch, writes into
     ``output_dir`` (each file atomically)
 
     - ``metrics.json``: ``{"segmentation": {...}, "classification": {...}, "num_images": n, "num_lesion_images": m}``

@@ -154,7 +154,7 @@ class MultiTaskResUNet(nn.Module):
         if len(decoder_channels) != len(channels):
             raise ValueError("decoder_channels needs one width per encoder stage.")
         self.encoder = ResidualEncoder(
-            spatial_dims, in_channels, channels, strides, num_res_units=num_res_units, act=act, norm=norm, dropout=dropout
+            spatial_dims, in_channels, channels, strides, num_res_units, act=act, norm=norm, dropout=dropout
         )
         self.decoder = UNetDecoder(
             spatial_dims=spatial_dims,

@@ -190,7 +190,9 @@ class LoadLesionLabeld(MapTransform):
                 )
             label = label.to(torch.uint8)
         else:
-            raise KeyError(f"{_source(d, self.image_key)}: needs '{self.masks_key}' + '{self.class_key}' or '{self.label_key}'.")
+            raise KeyError(
+                f"{_source(d, self.image_key)}: needs '{self.masks_key}' + '{self.class_key}' or '{self.label_key}'."
+            )
         d[self.label_key] = label
         return d
 
@@ -325,4 +327,3 @@ class ClassFromLabeld(MapTransform):
         for key in self.key_iterator(d):
             d[self.output_key] = class_from_label_map(torch.as_tensor(d[key]))
         return d
-
