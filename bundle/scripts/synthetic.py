@@ -147,7 +147,8 @@ def make_background(rng: np.random.Generator, height: int, width: int) -> np.nda
     tissue = cv2.GaussianBlur(tissue, (0, 0), 1.5)
     tissue *= _smooth_field(rng, height, width, int(rng.integers(6, 12)), 0.2)
     muscle = layer == 4
-    stripes = 1.0 + 0.25 * np.sin(2 * np.pi * (ys + 0.15 * xs) / rng.uniform(5, 9))
+    phase = 3.0 * _smooth_field(rng, height, width, 6, 1.0)
+    stripes = 1.0 + 0.15 * np.sin(2 * np.pi * (ys + rng.uniform(-0.15, 0.15) * xs) / rng.uniform(6, 10) + phase)
     tissue[muscle] *= stripes[muscle]
     for _ in range(int(rng.integers(3, 8))):  # hypoechoic fat lobules, not lesions
         cx = rng.uniform(0, width)
@@ -194,9 +195,9 @@ def _lesion_contour(rng: np.random.Generator, label: str, height: int, width: in
         semi_x, semi_y = size / math.sqrt(stretch), size * math.sqrt(stretch)
         harmonics, max_amp = range(2, 9), 0.12
         rotation = rng.uniform(-0.4, 0.4)
-        for _ in range(int(rng.integers(4, 13))):  # spicules
+        for _ in range(int(rng.integers(3, 11))):  # spicules
             delta = np.angle(np.exp(1j * (theta - rng.uniform(0, 2 * np.pi))))
-            radius += rng.uniform(0.2, 0.8) * np.exp(-0.5 * (delta / rng.uniform(0.03, 0.08)) ** 2)
+            radius += rng.uniform(0.12, 0.5) * np.exp(-0.5 * (delta / rng.uniform(0.04, 0.1)) ** 2)
         jitter = np.convolve(np.pad(rng.standard_normal(theta.size), 3, mode="wrap"), np.ones(7) / 7, mode="valid")
         radius += 0.04 * jitter
     for k in harmonics:
@@ -270,7 +271,7 @@ def render_lesion(rng: np.random.Generator, tissue: np.ndarray, mask: np.ndarray
     depth = np.maximum(rows - bottom, 0.0)
     below = (rows > bottom).astype(np.float32)
     if label == "benign":
-        gain = rng.uniform(0.2, 0.6) if rng.random() > 0.1 else 0.0
+        gain = rng.uniform(0.3, 0.7) if rng.random() > 0.1 else 0.0
         effect = 1.0 + gain * below * np.exp(-depth / (lesion_height * rng.uniform(0.8, 1.6)))
         interior = rng.uniform(0.06, 0.18) * _smooth_field(rng, height, width, 8, 0.15)
         rim, rim_gain = (3, rng.uniform(1.2, 1.5)) if rng.random() < 0.5 else (0, 1.0)
@@ -361,8 +362,9 @@ def make_case(
     masks = lesions
     if extra_mask:
         second = None
-        if rng.random() < 0.5:
-            second = make_lesion_shape(rng, label, height, width, scale=rng.uniform(0.4, 0.65), avoid=lesions[0])
+        if rng.random() < 0.5:  # a second lesion beside the first, out of its posterior shadow / enhancement
+            beside = np.broadcast_to(lesions[0].any(axis=0), (height, width))
+            second = make_lesion_shape(rng, label, height, width, scale=rng.uniform(0.4, 0.65), avoid=beside)
         lesions = lesions + [second] if second is not None else lesions
         masks = lesions if second is not None else _split_mask(rng, lesions[0])
     for lesion in lesions:
