@@ -41,7 +41,7 @@ CLASS_NAMES = ("normal", "benign", "malignant")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MASK_PATTERN = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
 SPLITS = ("training", "validation", "test")
-DEFAULT_HASH_THRESHOLD = 6
+DEFAULT_HASH_THRESHOLD = 64
 
 
 class DatasetError(ValueError):
@@ -165,7 +165,7 @@ def _check_case(root: Path, image_path: Path, mask_paths: list[Path], class_inde
     return [], case
 
 
-def perceptual_hash(image: np.ndarray, size: int = 32, bits: int = 8) -> np.ndarray:
+def perceptual_hash(image: np.ndarray, size: int = 64, bits: int = 16) -> np.ndarray:
     """DCT perceptual hash (pHash) of a 2D image: robust to rescaling, re-encoding and small intensity changes.
 
     Args:
@@ -292,7 +292,7 @@ def create_datalist(
         "description": "BUSI-layout split: stratified by class, duplicate groups never straddle subsets",
         "seed": seed,
         "fractions": dict(zip(SPLITS, fractions)),
-        "duplicate_hash": f"DCT perceptual hash (63 bits), Hamming distance <= {hash_threshold}",
+        "duplicate_hash": f"DCT perceptual hash (255 bits), Hamming distance <= {hash_threshold}",
     }
     for split in SPLITS:
         datalist[split] = []
