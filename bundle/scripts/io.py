@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from monai.data import ITKReader, NibabelReader, PILReader
+from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.utils import optional_import
 from PIL import Image
 
@@ -25,11 +25,16 @@ from .transforms import CLASS_NAMES, pil_to_supported_mode
 
 itk, _ = optional_import("itk")
 nib, _ = optional_import("nibabel")
+pydicom, _ = optional_import("pydicom")
 Events, _ = optional_import("ignite.engine", name="Events")
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "BundleImageReader",
     "image_readers",
+    "check_image_file",
+    "check_readable",
     "list_images",
     "atomic_write",
     "save_label_map",
@@ -40,8 +45,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".dicom")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd") + DICOM_SUFFIXES
 IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # pixels x frames (8192 x 8192): larger files are refused before decoding
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 LESION_COLOURS_BGR = {1: (0, 200, 0), 2: (0, 0, 230)}  # benign green, malignant red
 
@@ -58,33 +65,174 @@ def stem_of(path: str | os.PathLike) -> str:
     return name[: len(name) - len(suffix_of(path))]
 
 
-def image_readers() -> list:
-    """Readers for ``LoadImage``: PIL for 2D formats, nibabel for NIfTI, ITK for everything else (DICOM, NRRD).
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A ``.dcm`` / ``.dicom`` file, or a file without suffix that starts like DICOM (``DICM`` at byte 128)."""
+    suffix = suffix_of(path)
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix:
+        return False
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
-    ``LoadImage`` tries readers from last to first by file suffix, so PIL and nibabel take their own formats
-    and ITK takes the rest.
 
-    Returns:
-        Reader instances in registration order.
+def _check_dicom(path: str, max_pixels: int) -> None:
+    """Decode a DICOM file with pydicom, which raises Python errors where ITK's GDCM can crash the process.
+
+    A corrupt encapsulated (e.g. RLE) pixel stream makes GDCM die with SIGFPE even when only the header is
+    read, so ITK sees a DICOM file only after pydicom has decoded its pixels (or has no decoder for its
+    transfer syntax, e.g. JPEG Lossless without pylibjpeg: then GDCM decodes it unchecked).
     """
-    return [ITKReader(), NibabelReader(), PILReader(converter=pil_to_supported_mode)]
+    dataset = pydicom.dcmread(path, force=True)
+    if "PixelData" not in dataset or "Rows" not in dataset or "Columns" not in dataset:
+        raise ValueError("not a DICOM image (no pixel data)")
+    pixels = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("NumberOfFrames", 1) or 1)
+    _check_size(pixels, max_pixels, f"{dataset.Columns} x {dataset.Rows} x {dataset.get('NumberOfFrames', 1)} frames")
+    from pydicom.pixels import get_decoder
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    try:
+        decodable = syntax is None or get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax pydicom knows no decoder for
+        decodable = False
+    if decodable:
+        dataset.pixel_array  # noqa: B018 - decoding is the check
 
 
-def check_readable(path: str) -> None:
-    """Decode a whole image file once, so that a truncated or corrupt file is found before the run.
+def _check_size(pixels: int, max_pixels: int, size: str) -> None:
+    if pixels > max_pixels:
+        raise ValueError(
+            f"the image is too large ({size}: {pixels:,} pixels, limit {max_pixels:,}); refused before decoding "
+            "to bound memory"
+        )
 
-    PIL's decompression-bomb guard bounds memory: an image of more than about 179 million pixels is refused.
+
+def check_image_file(path: str, max_pixels: int | None = None) -> None:
+    """Cheap checks before decoding: the file exists, is not empty, and is not larger than ``max_pixels``.
+
+    Only the header is read, except for DICOM, whose pixels pydicom decodes (see :py:func:`_check_dicom`).
 
     Args:
         path: image file.
+        max_pixels: largest accepted pixel count (all frames or slices together); default ``MAX_IMAGE_PIXELS``.
 
     Raises:
         ValueError: naming the file and the reason.
     """
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     suffix = suffix_of(path)
     try:
+        if not os.path.isfile(path):
+            raise ValueError("no such file")
         if os.path.getsize(path) == 0:
             raise ValueError("the file is empty")
+        if suffix in PIL_SUFFIXES:
+            with Image.open(path) as image:
+                width, height = image.size
+            _check_size(width * height, limit, f"{width} x {height}")
+        elif suffix in NIFTI_SUFFIXES:
+            shape = nib.load(path).shape
+            _check_size(int(np.prod(shape[:3])), limit, " x ".join(map(str, shape)))
+        elif is_dicom(path):
+            _check_dicom(path, limit)
+        else:
+            image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+            if image_io is None:
+                raise ValueError("ITK cannot read this file type")
+            image_io.SetFileName(path)
+            image_io.ReadImageInformation()
+            shape = [image_io.GetDimensions(i) for i in range(image_io.GetNumberOfDimensions())]
+            _check_size(int(np.prod(shape)), limit, " x ".join(map(str, shape)))
+    except ValueError as error:
+        if str(error).startswith(f"{path}:"):
+            raise
+        raise ValueError(f"{path}: cannot read this image ({error})") from error
+    except Exception as error:  # every reader has its own exception types
+        raise ValueError(f"{path}: cannot read this image ({type(error).__name__}: {error})") from error
+
+
+class BundleImageReader(ImageReader):
+    """One MONAI image reader for every supported format, with bounded memory and errors that name the file.
+
+    PNG/JPG/BMP/TIFF go to ``PILReader`` (palette, bilevel and CMYK converted by ``pil_to_supported_mode``),
+    NIfTI to ``NibabelReader``, DICOM, NRRD and MetaImage to ``ITKReader``. Before decoding,
+    :py:func:`check_image_file` refuses empty, missing, too large and (DICOM) undecodable files.
+
+    ``LoadImage`` tries every registered reader, MONAI's defaults included, until one's ``read`` succeeds. Were
+    ``read`` to fail, a refused file would go on to the next reader: MONAI's ITK reader decodes a 20000 x 20000
+    PNG that PIL refuses (3 GB), and GDCM can crash on a corrupt DICOM. So ``read`` only records the file
+    names, and all checks and decoding happen in ``get_data``, whose ``ValueError`` (naming the file) reaches the
+    caller unchanged.
+
+    Args:
+        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
+    """
+
+    def __init__(self, max_pixels: int | None = None) -> None:
+        super().__init__()
+        self.max_pixels = max_pixels
+        self.pil = PILReader(converter=pil_to_supported_mode)
+        self.nibabel = NibabelReader()
+        self.itk = ITKReader()
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        return all(suffix_of(f) in IMAGE_SUFFIXES or is_dicom(f) for f in ensure_sequence(filename))
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> list[str]:
+        return [str(f) for f in ensure_sequence(data)]
+
+    def reader_for(self, path: str) -> ImageReader:
+        """The MONAI reader that decodes ``path``."""
+        suffix = suffix_of(path)
+        if suffix in PIL_SUFFIXES:
+            return self.pil
+        return self.nibabel if suffix in NIFTI_SUFFIXES else self.itk
+
+    def get_data(self, img: list[str]) -> tuple[np.ndarray, dict]:
+        for path in img:
+            check_image_file(path, self.max_pixels)
+        reader = self.reader_for(img[0])
+        try:
+            return reader.get_data(reader.read(img if len(img) > 1 else img[0]))
+        except Exception as error:  # every reader has its own exception types
+            raise ValueError(f"{img[0]}: cannot read this image ({type(error).__name__}: {error})") from error
+
+
+def ensure_sequence(data) -> list:
+    return [data] if isinstance(data, (str, os.PathLike)) else list(data)
+
+
+def image_readers(max_pixels: int | None = None) -> list:
+    """Readers for ``LoadImage``: one :py:class:`BundleImageReader` for every supported format.
+
+    Args:
+        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
+
+    Returns:
+        Reader instances in registration order.
+    """
+    return [BundleImageReader(max_pixels)]
+
+
+def check_readable(path: str, max_pixels: int | None = None) -> None:
+    """Decode a whole image file once, so that a truncated or corrupt file is found before the run.
+
+    Memory is bounded: :py:func:`check_image_file` refuses images of more than ``MAX_IMAGE_PIXELS`` pixels
+    from their header, before anything is decoded.
+
+    Args:
+        path: image file.
+        max_pixels: largest accepted pixel count; default ``MAX_IMAGE_PIXELS``.
+
+    Raises:
+        ValueError: naming the file and the reason.
+    """
+    check_image_file(path, max_pixels)
+    suffix = suffix_of(path)
+    try:
         if suffix in PIL_SUFFIXES:
             with Image.open(path) as image:
                 image.load()
@@ -97,18 +245,24 @@ def check_readable(path: str) -> None:
 
 
 def list_images(
-    path: str, output_dir: str | None = None, exclude_masks: bool = True, skip_invalid: bool = True
+    path: str,
+    output_dir: str | None = None,
+    exclude_masks: bool = True,
+    skip_invalid: bool = True,
+    max_pixels: int | None = None,
 ) -> list[dict[str, str]]:
     """List the images to predict: one file, or every supported image under a folder (recursively).
 
-    Hidden files, non-image files and (by default) BUSI ``_mask`` files are left out. Each image is decoded
-    once; an unreadable one is reported (logged, and listed in ``<output_dir>/skipped.csv``) and skipped.
+    Hidden files, non-image files and (by default) BUSI ``_mask`` files are left out (their number is logged).
+    DICOM files are recognised by suffix or, without a suffix, by content. Each image is decoded once; an
+    unreadable or too large one is reported (logged, and listed in ``<output_dir>/skipped.csv``) and skipped.
 
     Args:
         path: an image file or a folder.
         output_dir: where to write ``skipped.csv`` (only when something was skipped).
         exclude_masks: leave out files whose name ends with ``_mask`` or ``_mask_<k>``.
         skip_invalid: skip unreadable images instead of raising.
+        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
 
     Returns:
         ``[{"image": absolute path}, ...]`` in sorted order.
@@ -123,18 +277,23 @@ def list_images(
     if root.is_file():
         candidates = [root]
     else:
-        candidates = sorted(
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        candidates = [
             p
-            for p in root.rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and suffix_of(p) in IMAGE_SUFFIXES
+            for p in files
+            if not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and (suffix_of(p) in IMAGE_SUFFIXES or is_dicom(p))
             and not (exclude_masks and MASK_NAME.search(stem_of(p)))
-        )
+        ]
+        kept = set(candidates)
+        ignored = [str(p.relative_to(root)) for p in files if p not in kept]
+        if ignored:
+            shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+            logger.info(f"{root}: left out {len(ignored)} hidden, mask or non-image files: {shown}.")
     images, skipped = [], []
     for candidate in candidates:
         try:
-            check_readable(str(candidate))
+            check_readable(str(candidate), max_pixels)
         except ValueError as error:
             if not skip_invalid:
                 raise
@@ -331,7 +490,8 @@ class PredictionWriter:
         stem = self.output_stem(source)
         label_path = save_label_map(label_map, source, f"{stem}_seg{label_map_suffix(source)}")
         caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}"
-        overlay_path = save_overlay(torch.as_tensor(image)[0].float().cpu().numpy(), label_map, f"{stem}_overlay.png", caption)
+        display = torch.as_tensor(image)[0].float().cpu().numpy()
+        overlay_path = save_overlay(display, label_map, f"{stem}_overlay.png", caption)
         row = {"image": source, "label_map": str(label_path), "overlay": str(overlay_path)}
         row["predicted_class"] = self.class_names[predicted]
         row.update({f"p_{name}": round(float(p), 6) for name, p in zip(self.class_names, probabilities)})

@@ -1,0 +1,518 @@
+"""Ignite handlers that keep training work safe: atomic checkpoints, resuming, and stopping on a non-finite loss.
+
+- :py:class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (MONAI 1.6.1
+  forces ignite's ``DiskSaver(atomic=False)`` and deletes the previous best ``model.pt`` before writing the new
+  one, so a kill at the wrong moment leaves a corrupt or no ``model.pt``).
+- :py:class:`TrainingCheckpoint`: after every epoch, one ``checkpoint.pt`` with everything needed to continue the
+  run exactly (model, optimizer, learning-rate schedule, trainer counters, early-stopping and best-model state,
+  random generators); with ``resume=True`` a run starts from it.
+- :py:class:`StopOnNonFiniteLoss`: stops training with a clear message at the first NaN or infinite loss.
+
+Every checkpoint holds only tensors, numbers, strings, lists and dicts, and is loaded with
+``torch.load(..., weights_only=True)``: a file whose pickle would run code is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.handlers import CheckpointSaver, EarlyStopHandler
+from monai.transforms import Randomizable, Transform
+from monai.utils import optional_import
+
+Events, _ = optional_import("ignite.engine", name="Events")
+Engine, _ = optional_import("ignite.engine", name="Engine")
+BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler")
+idist, _ = optional_import("ignite.distributed")
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "NonFiniteLossError",
+    "atomic_save",
+    "load_checkpoint",
+    "plain",
+    "AtomicDiskSaver",
+    "AtomicCheckpointSaver",
+    "TrainingCheckpoint",
+    "StopOnNonFiniteLoss",
+    "random_states",
+    "set_random_states",
+]
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = "breast-ultrasound-training-checkpoint/1"
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then moved into place in one step.
+
+    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
+
+    Args:
+        obj: what to save (plain containers of tensors, numbers and strings).
+        path: final file; its folder is created if missing.
+
+    Returns:
+        The final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    try:  # make the rename itself durable
+        descriptor = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass
+    return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove temporary files that :py:func:`atomic_save` of a killed process left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        match = TEMPORARY_NAME.match(path.name)
+        if match is None or int(match["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)  # the writer is still running
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            logger.info(f"removed {path}, left by an interrupted save")
+        except PermissionError:
+            pass
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers only.
+
+    Args:
+        path: checkpoint file.
+        map_location: as for ``torch.load``.
+
+    Returns:
+        The loaded object.
+
+    Raises:
+        ValueError: naming the file, if it is not a plain checkpoint (e.g. a pickle that would import or run
+            code) or cannot be read.
+    """
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ValueError(
+            f"{path}: refused to load this checkpoint: it is not a plain weights-only file, or it is damaged "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Only load checkpoints "
+            "you trust."
+        ) from error
+
+
+def plain(value: Any, where: str = "checkpoint") -> Any:
+    """Convert a state to what ``torch.load(weights_only=True)`` accepts, or fail naming the offending entry.
+
+    NumPy arrays become tensors and NumPy scalars Python numbers; tensors, numbers, strings, ``None`` and
+    (nested) dicts, lists and tuples pass.
+
+    Args:
+        value: the state.
+        where: its name, for messages.
+
+    Returns:
+        The converted state.
+
+    Raises:
+        TypeError: for any other type.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, np.generic):  # before float: np.float64 is a float subclass that weights_only refuses
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if value is None:
+        return None
+    for kind in (bool, int, float, str):  # subclasses (enums, numpy floats) become the plain type
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, Mapping):
+        items = ((k, plain(v, f"{where}.{k}")) for k, v in value.items())
+        return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
+    if isinstance(value, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)  # named tuples become plain ones
+    raise TypeError(f"{where}: {type(value).__name__} cannot be stored in a weights-only checkpoint.")
+
+
+class AtomicDiskSaver(BaseSaveHandler):
+    """Ignite save handler that writes through :py:func:`atomic_save`.
+
+    Args:
+        dirname: output folder.
+        filename: fixed file name (replacing ignite's generated names), or ``None``.
+        wrap_key: store the saved object as ``{wrap_key: object}``; ignite unwraps a single-object checkpoint,
+            this keeps the documented ``{"model": state_dict}`` layout of ``model.pt``.
+    """
+
+    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, wrap_key: str | None = None) -> None:
+        self.dirname = Path(dirname)
+        self.filename = filename
+        self.wrap_key = wrap_key
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() != 0:
+            return
+        data = {self.wrap_key: checkpoint} if self.wrap_key is not None else checkpoint
+        atomic_save(plain(data), self.dirname / (self.filename or filename))
+
+    def remove(self, filename: str) -> None:
+        if self.filename is not None or idist.get_rank() != 0:
+            return  # a fixed file is replaced by the next save: deleting it first would open a gap
+        (self.dirname / filename).unlink(missing_ok=True)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` (same arguments) that writes every file atomically.
+
+    The best-metric file (``key_metric_filename``) is replaced in one step instead of deleted and rewritten, a
+    single-object ``save_dict`` is stored as ``{name: state_dict}``, and the best-metric history can be saved and
+    restored (``state_dict`` / ``load_state_dict``) so that a resumed run only replaces ``model.pt`` by a better
+    model.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        wrap_key = next(iter(self.save_dict)) if len(self.save_dict) == 1 else None
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                fixed = getattr(checkpoint.save_handler, "filename", None)
+                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, fixed, wrap_key)
+
+    def state_dict(self) -> dict:
+        """The best-metric history: ``{"_saved": [(score, file name), ...]}``."""
+        if self._key_metric_checkpoint is None:
+            return {"_saved": []}
+        return {"_saved": [(float(p), str(f)) for p, f in self._key_metric_checkpoint._saved]}
+
+
+def _walk_random_states(obj: Any, path: str, found: dict, seen: set) -> None:
+    """Collect the ``R`` generators of the randomizable transforms reachable from ``obj``, keyed by their path."""
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        for index, item in enumerate(obj):
+            _walk_random_states(item, f"{path}[{index}]", found, seen)
+    elif isinstance(obj, Mapping):
+        for key, item in obj.items():
+            _walk_random_states(item, f"{path}.{key}", found, seen)
+    elif isinstance(obj, (Transform, Randomizable)) and not isinstance(obj, type):
+        if isinstance(obj, Randomizable):
+            found[path] = obj.R
+        for key, item in vars(obj).items():
+            if not key.startswith("__"):
+                _walk_random_states(item, f"{path}.{key}", found, seen)
+
+
+def _numpy_state(generator: np.random.RandomState) -> dict:
+    name, keys, position, has_gauss, cached = generator.get_state(legacy=True)
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+
+
+def _set_numpy_state(generator: np.random.RandomState, state: Mapping) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    generator.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"]))
+
+
+def random_states(transform: Any = None) -> dict:
+    """Every random generator a training run draws from, as plain data.
+
+    Python's, NumPy's and torch's global generators (CUDA's too, when available), and the generator of each
+    randomizable transform reachable from ``transform`` (MONAI seeds those once, when the data loader is built,
+    and they advance with every sample).
+
+    Args:
+        transform: the training transform (or dataset); ``None``: globals only.
+
+    Returns:
+        ``{"python": ..., "numpy": ..., "torch": ..., "cuda": [...], "transforms": {path: ...}}``.
+    """
+    version, state, gauss = random.getstate()
+    transforms: dict = {}
+    _walk_random_states(transform, "transform", transforms, set())
+    return {
+        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+        "numpy": _numpy_state(np.random.mtrand._rand),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "transforms": {path: _numpy_state(generator) for path, generator in transforms.items()},
+    }
+
+
+def set_random_states(states: Mapping, transform: Any = None) -> None:
+    """Restore what :py:func:`random_states` returned (transform generators matched by their path)."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["state"].tolist()), python["gauss"]))
+    _set_numpy_state(np.random.mtrand._rand, states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
+    current: dict = {}
+    _walk_random_states(transform, "transform", current, set())
+    saved = states["transforms"]
+    if set(saved) != set(current):
+        logger.warning(
+            "the random transforms differ from the checkpoint's; the resumed run will not repeat the "
+            f"interrupted one exactly (missing: {sorted(set(current) - set(saved))[:3]}, "
+            f"unknown: {sorted(set(saved) - set(current))[:3]})."
+        )
+    for path, generator in current.items():
+        if path in saved:
+            _set_numpy_state(generator, saved[path])
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    """A config flag given as a bool or as text (``--resume true`` arrives as the string ``"true"``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+class TrainingCheckpoint:
+    """Write a full training checkpoint after every epoch, and resume from it.
+
+    Attach it to the trainer after the validation handler, so that each checkpoint includes that epoch's
+    validation, early-stopping and best-model state. ``checkpoint.pt`` holds::
+
+        format, epoch, iteration, stopped_early, trainer (ignite counters, best metric),
+        <name>: state of each entry of save_dict (model, optimizer, lr_scheduler, validator, early_stop, best_model),
+        random_states: Python, NumPy, torch (and CUDA) generators and those of the random training transforms
+
+    With ``resume=True`` the trainer, at start, loads the file if it exists and continues with the next epoch;
+    a run that early stopping ended stays ended. The configured ``max_epochs`` wins over the stored one, so
+    a finished run can be extended (the learning-rate schedule, restored from the checkpoint, does not
+    stretch). With ``num_workers=0`` the resumed run repeats the uninterrupted one exactly (on the same
+    machine and software); worker processes draw their own seeds. In distributed training rank 0 writes the file
+    and every rank resumes from it.
+
+    Args:
+        path: the checkpoint file.
+        save_dict: named objects to save and restore: ``torch.nn.Module``, optimizers, schedulers, ignite
+            engines (the validator: its best metric), MONAI's ``EarlyStopHandler``, ``AtomicCheckpointSaver``
+            or anything with ``state_dict`` / ``load_state_dict``. The trainer it is attached to is added as
+            ``trainer``.
+        resume: load ``path`` at start if it exists (``true``/``false`` text is accepted).
+        save_interval: write every this many epochs.
+        map_location: device for the loaded tensors.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        resume: bool | str = False,
+        save_interval: int = 1,
+        map_location: Any = "cpu",
+    ) -> None:
+        self.path = Path(path)
+        self.save_dict = dict(save_dict)
+        if "trainer" in self.save_dict or "random_states" in self.save_dict:
+            raise ValueError("save_dict may not use the reserved names 'trainer' and 'random_states'.")
+        self.resume = _as_bool(resume, "resume")
+        self.save_interval = save_interval
+        self.map_location = map_location
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+
+    def _transform(self, engine) -> Any:
+        loader = getattr(engine, "data_loader", None)
+        dataset = getattr(loader, "dataset", None)
+        return getattr(dataset, "transform", dataset)
+
+    @staticmethod
+    def _engine_state(engine) -> dict:
+        state = dict(engine.state_dict())
+        state["epoch"] = int(engine.state.epoch)
+        for key in ("best_metric", "best_metric_epoch"):
+            if hasattr(engine.state, key):
+                state[key] = engine.state.__dict__[key]
+        return state
+
+    def state_of(self, obj: Any) -> Any:
+        """The plain state of one ``save_dict`` entry."""
+        if isinstance(obj, Engine):
+            return self._engine_state(obj)
+        if isinstance(obj, EarlyStopHandler):
+            handler = getattr(obj, "_handler", None)
+            return dict(handler.state_dict()) if handler is not None else {}
+        if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            obj = obj.module
+        return obj.state_dict()
+
+    def load_into(self, obj: Any, state: Any, name: str) -> None:
+        """Restore one ``save_dict`` entry."""
+        if isinstance(obj, Engine):
+            for key in ("best_metric", "best_metric_epoch"):
+                if key in state:
+                    setattr(obj.state, key, state[key])
+        elif isinstance(obj, EarlyStopHandler):
+            handler = getattr(obj, "_handler", None)
+            if handler is None:
+                raise RuntimeError(f"{name}: call set_trainer on the early-stopping handler before the run starts.")
+            if state:
+                handler.load_state_dict(state)
+        else:
+            if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+                obj = obj.module
+            obj.load_state_dict(state)
+
+    def checkpoint(self, engine) -> dict:
+        """Everything to save, as plain data."""
+        content: dict = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "stopped_early": bool(engine.should_terminate),
+            "trainer": self._engine_state(engine),
+        }
+        for name, obj in self.save_dict.items():
+            content[name] = self.state_of(obj)
+        content["random_states"] = random_states(self._transform(engine))
+        return plain(content)
+
+    def save(self, engine) -> None:
+        """Write the checkpoint (refusing to replace a good one by weights that are not finite); rank 0 only."""
+        for name, obj in self.save_dict.items():
+            if isinstance(obj, torch.nn.Module):
+                bad = [k for k, v in obj.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+                if bad:
+                    raise FloatingPointError(
+                        f"epoch {engine.state.epoch}: {name} has non-finite values (e.g. {bad[0]}); kept the "
+                        f"previous {self.path}. Lower the learning rate or check the inputs."
+                    )
+        if idist.get_rank() != 0:  # in distributed training every rank holds the same weights
+            return
+        atomic_save(self.checkpoint(engine), self.path)
+        logger.info(f"epoch {engine.state.epoch}: saved {self.path}")
+
+    def start(self, engine) -> None:
+        """At the trainer's start: clean up after a killed save, then resume if asked to."""
+        remove_stale_temporaries(self.path.parent)
+        if not self.resume:
+            if self.path.is_file():
+                logger.warning(
+                    f"{self.path} exists: this run starts from scratch and replaces it after its first epoch "
+                    "(pass --resume true to continue the earlier run instead)."
+                )
+            return
+        if not self.path.is_file():
+            logger.warning(f"resume: {self.path} does not exist, starting from scratch.")
+            return
+        checkpoint = load_checkpoint(self.path, self.map_location)
+        if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.path}: not a training checkpoint of this bundle (format {CHECKPOINT_FORMAT}).")
+        missing = [name for name in self.save_dict if name not in checkpoint]
+        if missing:
+            raise ValueError(f"{self.path}: the checkpoint lacks {missing}; it was written by another configuration.")
+        epoch, max_epochs = int(checkpoint["epoch"]), engine.state.max_epochs
+        if max_epochs is not None and epoch > max_epochs:
+            raise ValueError(
+                f"{self.path}: the checkpoint is at epoch {epoch}, beyond max_epochs {max_epochs}; pass a larger "
+                "--max_epochs to train on."
+            )
+        for name, obj in self.save_dict.items():
+            self.load_into(obj, checkpoint[name], name)
+        stored = checkpoint["trainer"]
+        epoch_length = engine.state.epoch_length
+        if stored.get("epoch_length") != epoch_length:
+            logger.warning(
+                f"resume: {stored.get('epoch_length')} iterations per epoch in the checkpoint, {epoch_length} now "
+                "(the training data changed): the run continues but will not repeat the interrupted one."
+            )
+        engine.load_state_dict({"epoch": epoch, "epoch_length": epoch_length, "max_epochs": max_epochs})
+        self.load_into(engine, stored, "trainer")
+        set_random_states(checkpoint["random_states"], self._transform(engine))
+        validator = checkpoint.get("validator")
+        best = validator.get("best_metric") if isinstance(validator, Mapping) else None
+        logger.info(
+            f"resumed from {self.path}: {epoch} epochs done, iteration {engine.state.iteration}"
+            + (f", best validation score {best:.4f}" if isinstance(best, (int, float)) and best >= 0 else "")
+        )
+        if checkpoint.get("stopped_early"):
+            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do.")
+            engine.terminate()
+        elif max_epochs is not None and epoch >= max_epochs:
+            logger.info(f"resume: all {max_epochs} epochs are done; pass a larger --max_epochs to train on.")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss:
+    """Stop training at the first NaN or infinite loss, with a message that says what happened and what is kept.
+
+    Unlike ignite's ``TerminateOnNan``, which ends the run as if it had finished, this raises
+    :py:class:`NonFiniteLossError`, so the command fails (non-zero exit) and no later handler saves the damaged
+    weights; ``checkpoint.pt`` and ``model.pt`` stay those of the last good epoch.
+
+    Args:
+        output_transform: takes ``engine.state.output``, returns the loss.
+        checkpoint_dir: folder of ``checkpoint.pt`` / ``model.pt``, named in the message.
+    """
+
+    def __init__(self, output_transform: Callable = lambda output: output, checkpoint_dir: str | None = None) -> None:
+        self.output_transform = output_transform
+        self.checkpoint_dir = checkpoint_dir
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        loss = self.output_transform(engine.state.output)
+        value = float(loss.detach().float().mean()) if isinstance(loss, torch.Tensor) else float(loss)
+        if math.isfinite(value):
+            return
+        optimizer = getattr(engine, "optimizer", None)
+        learning_rates = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
+        kept = (
+            f" The last good weights are in {self.checkpoint_dir} (checkpoint.pt, model.pt)."
+            if self.checkpoint_dir
+            else ""
+        )
+        raise NonFiniteLossError(
+            f"training stopped: the loss is {value} at epoch {engine.state.epoch}, iteration "
+            f"{engine.state.iteration}" + (f" (learning rate {learning_rates[0]:.3g})" if learning_rates else "")
+            + f".{kept} Lower --learning_rate, check the inputs or try --amp False, and train again."
+        )
