@@ -1,0 +1,157 @@
+"""configs/metadata.json: the Model Zoo schema, versions of the installed packages, agreement with the configs."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import monai
+import numpy
+import pytest
+import torch
+
+from .conftest import BUNDLE_ROOT, SHARED_DIR
+
+META_FILE = BUNDLE_ROOT / "configs" / "metadata.json"
+SCHEMA_NAME = "meta_schema_20240725.json"
+SCHEMA_FILE = SHARED_DIR / "schemas" / SCHEMA_NAME
+NEEDS_SCHEMA = pytest.mark.skipif(not SCHEMA_FILE.is_file(), reason=f"offline schema {SCHEMA_FILE} not available")
+# packages that configs need without a Python import in scripts/
+CONFIG_IMPLIED_PACKAGES = {"TensorBoardStatsHandler": "tensorboard", "ProgressBar": "tqdm"}
+
+
+def load_json(path) -> dict:
+    with open(path) as stream:
+        return json.load(stream)
+
+
+@pytest.fixture(scope="module")
+def metadata() -> dict:
+    return load_json(META_FILE)
+
+
+def major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    assert match, f"not a version: {version!r}"
+    return int(match.group(1)), int(match.group(2))
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@NEEDS_SCHEMA
+def test_metadata_is_valid_against_the_schema(metadata):
+    import jsonschema
+
+    assert metadata["schema"].endswith("/" + SCHEMA_NAME)
+    jsonschema.validate(instance=metadata, schema=load_json(SCHEMA_FILE))
+
+
+@NEEDS_SCHEMA
+def test_verify_metadata_command(tmp_path):
+    """The Model Zoo's check; the schema is copied where the command would download it to, so it stays offline."""
+    schema = tmp_path / "eval" / "schema.json"
+    schema.parent.mkdir()
+    shutil.copy(SCHEMA_FILE, schema)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(META_FILE), "--filepath",
+         str(schema)],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "metadata is verified with no error" in output
+
+
+def test_version_and_changelog(metadata):
+    assert re.fullmatch(r"\d+\.\d+\.\d+", metadata["version"])
+    assert metadata["version"] in metadata["changelog"], "the Model Zoo requires a changelog entry for the version"
+    for key in ("task", "description", "authors", "copyright", "data_source", "data_type", "image_classes",
+                "label_classes", "pred_classes", "intended_use"):  # fmt: skip
+        assert isinstance(metadata[key], str) and metadata[key].strip(), key
+    assert isinstance(metadata["eval_metrics"], dict)
+    assert metadata["references"] and all(isinstance(r, str) for r in metadata["references"])
+    assert any("104863" in r for r in metadata["references"]), "cite the BUSI paper"
+    assert "optional_packages_version" not in metadata, "MONAI renames it to required_packages_version on load"
+
+
+def test_versions_match_installed_packages(metadata):
+    assert major_minor(metadata["monai_version"]) == major_minor(monai.__version__)
+    assert major_minor(metadata["pytorch_version"]) == major_minor(torch.__version__)
+    assert major_minor(metadata["numpy_version"]) == major_minor(numpy.__version__)
+    for name, version in metadata["required_packages_version"].items():
+        installed = importlib.metadata.version(name)
+        assert major_minor(version) == major_minor(installed), f"{name}: metadata {version}, installed {installed}"
+
+
+def third_party_modules() -> set[str]:
+    """Top-level modules that bundle/scripts imports (also inside functions and through ``optional_import``)."""
+    modules = set()
+    for path in sorted((BUNDLE_ROOT / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "optional_import" and node.args:
+                if isinstance(node.args[0], ast.Constant):
+                    modules.add(str(node.args[0].value).split(".")[0])
+    return {m for m in modules if m not in sys.stdlib_module_names and m not in ("__future__", "scripts")}
+
+
+def test_required_packages_cover_what_the_bundle_imports(metadata):
+    listed = {normalise(name) for name in metadata["required_packages_version"]} | {"monai", "torch", "numpy"}
+    distributions = importlib.metadata.packages_distributions()
+    for module in sorted(third_party_modules()):
+        names = {normalise(d) for d in distributions.get(module, [module])}
+        assert names & listed or {n.split("-")[0] for n in names} & listed, f"`{module}` ({names}) not listed"
+    configs = "".join(p.read_text() for p in (BUNDLE_ROOT / "configs").glob("*.json"))
+    for target, package in CONFIG_IMPLIED_PACKAGES.items():
+        if target in configs:
+            assert package in listed, f"{target} in the configs needs {package}"
+
+
+def test_required_packages_are_in_setup_cfg(metadata):
+    setup = (BUNDLE_ROOT.parent / "setup.cfg").read_text()
+    requirements = {normalise(m) for m in re.findall(r"^\s+([A-Za-z0-9_.-]+)\s*[<>=!~]", setup, re.MULTILINE)}
+    missing = {normalise(n) for n in metadata["required_packages_version"]} - requirements
+    assert not missing, f"setup.cfg install_requires lacks {missing}"
+
+
+def test_network_data_format_order_and_shapes(metadata):
+    io = metadata["network_data_format"]
+    assert list(io["inputs"])[0] == "image"
+    assert list(io["outputs"])[:2] == ["pred", "cls"]
+    image, pred, cls = io["inputs"]["image"], io["outputs"]["pred"], io["outputs"]["cls"]
+    assert image["spatial_shape"] == pred["spatial_shape"], "segmentation logits have the input's size"
+    assert cls["spatial_shape"] == [], "class logits are (B, num_classes)"
+    for entry in (image, pred, cls):
+        assert len(entry["channel_def"]) == entry["num_channels"]
+
+
+@pytest.mark.parametrize("config", ["inference.json", "train.json"])
+def test_metadata_agrees_with_config(metadata, config):
+    parsed = load_json(BUNDLE_ROOT / "configs" / config)
+    io = metadata["network_data_format"]
+    net = parsed["network_def"]
+    assert parsed["image_size"] == io["inputs"]["image"]["spatial_shape"]
+    assert net["in_channels"] == io["inputs"]["image"]["num_channels"]
+    assert net["seg_out_channels"] == io["outputs"]["pred"]["num_channels"]
+    assert net["num_classes"] == io["outputs"]["cls"]["num_channels"]
+    assert list(io["outputs"]["cls"]["channel_def"].values()) == parsed["class_names"]
+    assert io["outputs"]["pred"]["channel_def"]["0"] == "background"
+    assert list(io["outputs"]["pred"]["channel_def"].values())[1:] == parsed["class_names"][1:]
+
+
+def test_inference_and_training_build_the_same_network():
+    train = load_json(BUNDLE_ROOT / "configs" / "train.json")
+    inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
+    assert train["network_def"] == inference["network_def"], "model.pt from training must load into inference"
