@@ -219,8 +219,9 @@ def test_atomic_save_keeps_the_previous_file_when_saving_fails(tmp_path, monkeyp
     target = tmp_path / "model.pt"
     atomic_save({"model": {"w": torch.ones(3)}}, target)
 
-    def failing_save(obj, stream, *args, **kwargs):
-        stream.write(b"PK\x03\x04 half a zip file")
+    def failing_save(obj, file, *args, **kwargs):
+        with open(file, "wb") as stream:
+            stream.write(b"PK\x03\x04 half a zip file")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)

@@ -30,6 +30,8 @@ from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.transforms import Randomizable, Transform
 from monai.utils import optional_import
 
+from .io import atomic_write
+
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
 BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler")
@@ -51,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "breast-ultrasound-training-checkpoint/1"
-TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[^.]+)*$")  # as written by io.atomic_write
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -66,27 +68,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     Returns:
         The final path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as stream:
-            torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    try:  # make the rename itself durable
-        descriptor = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    except OSError:
-        pass
-    return path
+    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:

@@ -309,11 +309,14 @@ def list_images(
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Write a file through ``write(temporary_path)``, then move it into place in one step.
+    """Write a file through ``write(temporary_path)``, flush it to disk, then move it into place in one step.
+
+    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
 
     Args:
         path: final file path; its folder is created if missing.
-        write: function that writes the file it is given (the temporary path keeps the final suffix).
+        write: function that writes the file it is given (the temporary path keeps the final suffix, which
+            writers such as nibabel and ITK read the format from).
 
     Returns:
         The final path.
@@ -323,10 +326,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     temporary = path.with_name(f".{stem_of(path)}.{os.getpid()}.tmp{suffix_of(path)}")
     try:
         write(str(temporary))
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
         os.replace(temporary, path)
     finally:
         if temporary.exists():
             temporary.unlink()
+    try:  # make the rename itself durable
+        descriptor = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass
     return path
 
 

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -43,6 +42,8 @@ from monai.data import decollate_batch
 from monai.handlers.utils import from_engine
 from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, compute_roc_auc
 from monai.visualize import blend_images
+
+from .io import atomic_write
 
 __all__ = [
     "CLASS_NAMES",
@@ -552,19 +553,13 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _atomic_write(path: str, write: Callable[[Any], None], binary: bool = False) -> None:
-    """Write a file atomically: ``write(f)`` into a temporary file in the same folder, then ``os.replace``."""
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex}.tmp")  # opened with "x": honours the umask
-    try:
-        with open(tmp, "xb") if binary else open(tmp, "x", newline="", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write a file atomically (:py:func:`scripts.io.atomic_write`) through ``write(open_file)``."""
+
+    def write_file(temporary: str) -> None:
+        with open(temporary, "wb") if binary else open(temporary, "w", newline="", encoding="utf-8") as stream:
+            write(stream)
+
+    atomic_write(path, write_file)
 
 
 def _save_figure(fig: Any, path: str, dpi: int = 100) -> None:
