@@ -327,3 +327,71 @@ class ClassFromLabeld(MapTransform):
         for key in self.key_iterator(d):
             d[self.output_key] = class_from_label_map(torch.as_tensor(d[key]))
         return d
+
+
+class MonaiLabelOutputd(MapTransform):
+    """Shape an inference result the way MONAI Label (and the viewers it serves, such as 3D Slicer) expects it.
+
+    MONAI Label's bundle inference saves ``output_key`` as the label file, in the input's format and, when the array
+    has more than two axes, with the input's geometry; it returns ``result_key`` as the JSON of the response. This
+    writes the ``(1, X, Y)`` label map as a uint8 array of the input file's own spatial shape (``(X, Y)`` for
+    PNG/JPG, ``(X, Y, 1)`` for a single-slice NIfTI/NRRD as 3D Slicer saves them) and the class with its
+    probabilities as plain JSON values. For a JPEG input it asks for a PNG label file (``result_extension``):
+    MONAI Label would otherwise save the label map in the input's lossy format. The bundle's own inference
+    workflow reads none of these keys.
+
+    Args:
+        label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
+        cls_key: key of the class probabilities ``(num_classes,)``.
+        cls_pred_key: key of the predicted class index (the arg-max of the probabilities if missing).
+        image_key: key of the input image, a MetaTensor whose ``spatial_shape`` is the file's shape.
+        output_key: key to write the label map to (MONAI Label's ``pred``).
+        result_key: key to write the JSON result to (MONAI Label's ``result``).
+        class_names: class names in index order.
+        extension_key: key of MONAI Label's label file extension, set for JPEG inputs unless already given.
+    """
+
+    lossy_suffixes = (".jpg", ".jpeg")
+
+    def __init__(
+        self,
+        label_map_key: str = "seg_pred",
+        cls_key: str = "cls",
+        cls_pred_key: str = "cls_pred",
+        image_key: str = "image",
+        output_key: str = "pred",
+        result_key: str = "result",
+        class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
+        extension_key: str = "result_extension",
+    ) -> None:
+        super().__init__(keys=[label_map_key, cls_key])
+        self.label_map_key = label_map_key
+        self.cls_key = cls_key
+        self.cls_pred_key = cls_pred_key
+        self.image_key = image_key
+        self.output_key = output_key
+        self.result_key = result_key
+        self.class_names = list(class_names)
+        self.extension_key = extension_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        label_map = torch.as_tensor(d[self.label_map_key]).detach().cpu()[0].to(torch.uint8).numpy()
+        image = d.get(self.image_key)
+        shape = image.meta.get("spatial_shape") if isinstance(image, MetaTensor) else None
+        shape = [int(s) for s in np.asarray(shape).reshape(-1)] if shape is not None else []
+        if len(shape) > 2 and tuple(shape[:2]) == label_map.shape:
+            label_map = label_map.reshape(label_map.shape + (1,) * (len(shape) - 2))
+        probabilities = torch.as_tensor(d[self.cls_key]).detach().float().cpu().reshape(-1).tolist()
+        predicted = int(d[self.cls_pred_key]) if self.cls_pred_key in d else int(np.argmax(probabilities))
+        source = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
+        if source.lower().endswith(self.lossy_suffixes) and not d.get(self.extension_key):
+            d[self.extension_key] = ".png"
+        d[self.output_key] = np.ascontiguousarray(label_map)
+        d[self.result_key] = {
+            "class": self.class_names[predicted],
+            "class_index": predicted,
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
+            "lesion_pixels": int((label_map > 0).sum()),
+        }
+        return d

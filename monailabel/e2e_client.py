@@ -1,0 +1,91 @@
+"""Drive a running MONAI Label server the way 3D Slicer's MONAI Label module does, with the same Python client.
+
+Run with the MONAI Label environment's Python; used by ``tests/test_monailabel.py``::
+
+    .venv-monailabel/bin/python monailabel/e2e_client.py PLAN.json REPORT.json
+
+The plan (JSON) names the server, the model and the steps; every step's outcome goes into the report (JSON), and
+result label files are kept in the plan's ``out_dir``. Steps, in order:
+
+1. ``info`` and ``datastore`` (what the module shows after *Connect*);
+2. ``upload``: images sent by the viewer (``upload_image``, as *Upload volume* does with a volume saved by Slicer);
+3. ``infer_before``: auto-segmentation of each image id (``infer``, as the *Auto Segmentation* button does);
+4. ``labels``: corrected label maps saved (``save_label``, as *Submit Label* does);
+5. ``train``: a training run with the trainer's own option values, as the *Train* button sends them, except the
+   ones the plan overrides; the client polls ``train_status`` until it ends (``train_timeout`` seconds);
+6. ``infer_after``: the same inference again, which must use the new weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from monailabel.client import MONAILabelClient
+
+
+def slicer_params(config: dict, overrides: dict) -> dict:
+    """Option values as the Slicer module sends them: the first entry of a list of choices, the value otherwise."""
+    params = {key: value[0] if isinstance(value, list) and value else value for key, value in config.items()}
+    params.update(overrides)
+    return params
+
+
+def infer_all(client: MONAILabelClient, model: str, image_ids: list[str], out_dir: Path, tag: str) -> dict:
+    results = {}
+    for image_id in image_ids:
+        start = time.perf_counter()
+        path, params = client.infer(model, image_id, {})
+        seconds = time.perf_counter() - start
+        kept = None
+        if path:
+            kept = out_dir / f"{tag}_{image_id}{''.join(Path(path).suffixes)}"
+            shutil.move(path, kept)
+        results[image_id] = {"file": str(kept) if kept else None, "json": params, "seconds": round(seconds, 3)}
+    return results
+
+
+def run(plan: dict) -> dict:
+    out_dir = Path(plan["out_dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    client = MONAILabelClient(plan["url"], tmpdir=tempfile.mkdtemp(dir=out_dir))
+    model = plan["model"]
+    report: dict = {"info": client.info()}
+    report["datastore_ids"] = sorted(client.datastore().get("objects", {}))
+    report["upload"] = [client.upload_image(item["file"], item["id"]) for item in plan.get("upload", [])]
+    report["infer_before"] = infer_all(client, model, plan["infer_before"], out_dir, "before")
+    report["labels"] = [
+        client.save_label(item["id"], item["file"], params={"label_info": item.get("label_info", [])})
+        for item in plan.get("labels", [])
+    ]
+    if "train" in plan:
+        trainer = report["info"].get("trainers", {}).get(model, {})
+        params = slicer_params(trainer.get("config", {}), plan["train"])
+        report["train_params"] = params
+        report["train_start"] = client.train_start(model, params)
+        deadline = time.monotonic() + float(plan.get("train_timeout", 900))
+        status = client.train_status()
+        while status.get("status") in ("SUBMITTED", "RUNNING") and time.monotonic() < deadline:
+            time.sleep(2)
+            status = client.train_status()
+        if status.get("status") in ("SUBMITTED", "RUNNING"):
+            client.train_stop()
+            status["timed_out"] = True
+        status["details"] = list(status.get("details") or [])
+        report["train_status"] = status
+        report["infer_after"] = infer_all(client, model, plan.get("infer_after", []), out_dir, "after")
+    return report
+
+
+def main() -> None:
+    plan_path, report_path = sys.argv[1:3]
+    report = run(json.loads(Path(plan_path).read_text()))
+    Path(report_path).write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

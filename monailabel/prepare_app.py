@@ -1,0 +1,136 @@
+"""Place the bundle in MONAI Label's stock ``monaibundle`` sample app, offline.
+
+Run with the MONAI Label environment's Python (``monailabel/setup_env.sh`` creates it)::
+
+    .venv-monailabel/bin/python monailabel/prepare_app.py --app runs/monailabel/monaibundle
+
+1. The sample app comes from the MONAI Label package itself (``monailabel apps --download --name monaibundle``
+   copies it from the installed ``sample-apps`` folder; no network).
+2. ``bundle/`` is copied to ``<app>/model/breast_ultrasound_segmentation_classification`` (the folder name gives
+   MONAI Label the task type, *segmentation*), without run outputs (``eval``, ``logs``, ``cache``, ``data``, saved
+   split files). Weights: ``bundle/models/model.pt`` when present, else a freshly initialised network written to
+   the copy only.
+3. An existing copy keeps its ``models/`` (weights fine-tuned through MONAI Label survive a restart), except
+   initialised weights never trained, which ``bundle/models/model.pt`` replaces once it exists; configs and
+   scripts are refreshed from ``bundle/``. ``--fresh`` replaces the copy whole.
+4. Changes the bundle still needs for MONAI Label (``compat.py``) are applied to the copy, with a warning.
+
+Prints one JSON line: the app folder, the bundle copy, where the weights came from and the changes applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import compat
+
+BUNDLE_NAME = "breast_ultrasound_segmentation_classification"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns("eval", "logs", "cache", "data", "__pycache__", "*.pyc", "datalist_*.json", ".*")
+INITIALISED_MARKER = ".initialised"
+logger = logging.getLogger("prepare_app")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_sample_app(app: Path) -> None:
+    """Copy the stock monaibundle app out of the installed MONAI Label package (``monailabel apps --download``)."""
+    if (app / "main.py").is_file():
+        return
+    app.parent.mkdir(parents=True, exist_ok=True)
+    if app.exists():
+        shutil.rmtree(app)
+    staging = app.parent / f".{app.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)
+    command = [sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
+    subprocess.run([*command, "--output", str(staging)], check=True, stdout=subprocess.DEVNULL)
+    (staging / "monaibundle").rename(app)
+    staging.rmdir()
+
+
+def copy_bundle(source: Path, target: Path, fresh: bool) -> None:
+    """Copy the bundle; an existing copy keeps its ``models`` folder unless ``fresh``."""
+    kept_models = None
+    if target.exists():
+        if not fresh and (target / "models").is_dir():
+            kept_models = target.parent / f".{target.name}.models"
+            shutil.rmtree(kept_models, ignore_errors=True)
+            (target / "models").rename(kept_models)
+        shutil.rmtree(target)
+    shutil.copytree(source, target, ignore=IGNORE)
+    if kept_models is not None:
+        shutil.rmtree(target / "models", ignore_errors=True)
+        kept_models.rename(target / "models")
+    (target / "models").mkdir(exist_ok=True)
+
+
+def initialise_weights(bundle: Path, seed: int = 0) -> None:
+    """Write ``models/model.pt`` (``{"model": state_dict}``) of a freshly initialised network into the copy."""
+    import torch
+    from monai.bundle import ConfigParser
+
+    sys.path.insert(0, str(bundle))
+    try:
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser["bundle_root"] = str(bundle)
+        torch.manual_seed(seed)
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        torch.save({"model": network.state_dict()}, bundle / "models" / "model.pt")
+    finally:
+        sys.path.remove(str(bundle))
+
+
+def prepare(app: Path, bundle_source: Path, fresh: bool = False, apply_compat: bool = True) -> dict:
+    """Set up ``app`` with the bundle; see the module docstring."""
+    app = app.resolve()
+    copy_sample_app(app)
+    target = app / "model" / BUNDLE_NAME
+    copy_bundle(bundle_source.resolve(), target, fresh)
+    weights = "kept (existing copy)"
+    model = target / "models" / "model.pt"
+    marker = target / "models" / INITIALISED_MARKER  # digest of weights this script initialised
+    source_model = bundle_source / "models" / "model.pt"
+    untouched_init = marker.is_file() and model.is_file() and marker.read_text().strip() == digest(model)
+    if not model.is_file() or (untouched_init and source_model.is_file()):
+        marker.unlink(missing_ok=True)
+        if source_model.is_file():
+            shutil.copy2(source_model, model)
+            weights = str(source_model)
+        else:
+            initialise_weights(target)
+            marker.write_text(digest(model) + "\n")
+            weights = "freshly initialised (bundle/models/model.pt is missing)"
+    applied = compat.apply(target) if apply_compat else []
+    if applied:
+        logger.warning(
+            "bundle/ lacks changes that MONAI Label needs; applied to the copy only (see monailabel/compat.py): %s",
+            "; ".join(applied),
+        )
+    return {"app": str(app), "bundle": str(target), "weights": weights, "compat_applied": applied}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--app", default=str(REPO_ROOT / "runs" / "monailabel" / "monaibundle"), help="app folder")
+    parser.add_argument("--bundle", default=str(REPO_ROOT / "bundle"), help="bundle to place in the app")
+    parser.add_argument("--fresh", action="store_true", help="replace an existing copy, weights included")
+    parser.add_argument("--no-compat", action="store_true", help="place the bundle exactly as it is")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[prepare_app] %(levelname)s %(message)s")
+    os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    print(json.dumps(prepare(Path(args.app), Path(args.bundle), args.fresh, not args.no_compat)))
+
+
+if __name__ == "__main__":
+    main()

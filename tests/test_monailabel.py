@@ -1,0 +1,365 @@
+"""End to end: the bundle served by MONAI Label's stock monaibundle app, driven like 3D Slicer drives it.
+
+The server runs in its own environment (``.venv-monailabel``, made by ``monailabel/setup_env.sh``: MONAI Label
+0.8.5 needs torchvision, the registry's CUDA torch build and numpy<2, so it cannot share the core ``.venv``). The
+first run installs it (about 4 minutes); later runs reuse it. The test is skipped only when that environment
+cannot be created because the package registry is unreachable.
+
+One module-scoped session starts the real server with the documented command (``monailabel/start.sh``) on
+127.0.0.1 and a free port, on generated studies (PNG, RGB PNG, JPG, single-slice NRRD, plus a single-slice NIfTI
+uploaded through the client), and runs ``monailabel/e2e_client.py`` in the server's environment: MONAI Label's own
+Python client (``monailabel.client.MONAILabelClient``, the one the Slicer module uses) calls info, infer, save
+label, train (one epoch) and infer again. The tests below check what came back; the server is always stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import itk
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from .conftest import REPO_ROOT
+
+MONAILABEL_DIR = REPO_ROOT / "monailabel"
+VENV = Path(os.environ.get("MONAILABEL_VENV", REPO_ROOT / ".venv-monailabel"))
+PYTHON = VENV / "bin" / "python"
+MODEL = "breast_ultrasound_segmentation_classification"
+CLASS_NAMES = ("normal", "benign", "malignant")
+EX_UNREACHABLE = 75  # monailabel/setup_env.sh: the package registry cannot be reached
+SETUP_TIMEOUT = 1800
+SERVER_START_TIMEOUT = 300
+NRRD_SPACING, NRRD_ORIGIN = (0.2, 0.3, 1.0), (10.0, -5.0, 2.0)
+NIFTI_AFFINE = np.array([[-0.25, 0, 0, 30.0], [0, -0.25, 0, 12.0], [0, 0, 1.0, -4.0], [0, 0, 0, 1]])
+
+
+def load_compat():
+    spec = importlib.util.spec_from_file_location("monailabel_compat", MONAILABEL_DIR / "compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, chars: int = 6000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
+
+
+@pytest.fixture(scope="module")
+def monailabel_env() -> Path:
+    """The MONAI Label environment, made on first use and reused; skipped only if the registry is unreachable."""
+    start = time.monotonic()
+    result = subprocess.run(
+        ["bash", str(MONAILABEL_DIR / "setup_env.sh")],
+        capture_output=True, text=True, timeout=SETUP_TIMEOUT, env={**os.environ, "MONAILABEL_VENV": str(VENV)},
+    )  # fmt: skip
+    if result.returncode == EX_UNREACHABLE:
+        said = [line for line in result.stderr.splitlines() if "Errno" in line or line.startswith("ERROR")]
+        pytest.skip(
+            "MONAI Label environment cannot be created: the package registry is unreachable "
+            f"(monailabel/setup_env.sh exit {EX_UNREACHABLE}); pip: {' | '.join(said[:1] + said[-1:])[-500:]}"
+        )
+    assert result.returncode == 0, f"monailabel/setup_env.sh failed ({result.returncode}):\n{result.stderr[-6000:]}"
+    print(f"MONAI Label environment ready in {time.monotonic() - start:.0f} s: {VENV}")
+    return PYTHON
+
+
+def write_studies(root: Path) -> dict:
+    """Generated images in the formats a Slicer user brings, and their class-coded label maps."""
+    from scripts.synthetic import generate_dataset, load_binary_mask
+
+    source = root / "generated"
+    generate_dataset(str(source), num_per_class=2, seed=3, rgb_fraction=0.5, extra_mask_fraction=0.0)
+    studies, uploads, labels = root / "studies", root / "uploads", root / "labels"
+    for folder in (studies, uploads, labels):
+        folder.mkdir()
+    cases = {}
+    for value, name in enumerate(CLASS_NAMES):
+        for index in (1, 2):
+            stem = source / name / f"{name} ({index})"
+            mask = np.zeros_like(load_binary_mask(f"{stem}_mask.png"), dtype=np.uint8)
+            for mask_file in sorted(stem.parent.glob(f"{stem.name}_mask*.png")):
+                mask |= load_binary_mask(mask_file).astype(np.uint8)
+            cases[f"{name}_{index}"] = (Image.open(f"{stem}.png"), (mask * value).astype(np.uint8))
+
+    def png(image_id, slicer_label=False):  # RGB or grey PNG, as generated
+        image, label = cases[image_id]
+        image.save(studies / f"{image_id}.png")
+        if slicer_label:  # what Slicer's Submit Label sends for a PNG: a single-slice NIfTI on the image's grid
+            label_file = labels / f"{image_id}.nii.gz"
+            itk.imwrite(itk.image_from_array(np.ascontiguousarray(label[None])), str(label_file))
+        else:
+            label_file = labels / f"{image_id}.png"
+            Image.fromarray(label).save(label_file)
+        return {"image": studies / f"{image_id}.png", "label": label_file, "format": "png"}
+
+    def jpg(image_id):
+        image, label = cases[image_id]
+        image.convert("L").save(studies / f"{image_id}.jpg", quality=95)
+        Image.fromarray(label).save(labels / f"{image_id}.png")
+        return {"image": studies / f"{image_id}.jpg", "label": labels / f"{image_id}.png", "format": "jpg"}
+
+    def nrrd(image_id):  # a single-slice volume with geometry, and its label map as Slicer exports it (NIfTI)
+        image, label = cases[image_id]
+        grey = np.asarray(image.convert("L"), dtype=np.int16)
+        volume = itk.image_from_array(np.ascontiguousarray(grey[None]))
+        volume.SetSpacing(NRRD_SPACING)
+        volume.SetOrigin(NRRD_ORIGIN)
+        itk.imwrite(volume, str(studies / f"{image_id}.nrrd"), compression=True)
+        label_volume = itk.image_from_array(np.ascontiguousarray(label[None]))
+        label_volume.CopyInformation(volume)
+        itk.imwrite(label_volume, str(labels / f"{image_id}.nii.gz"))
+        return {"image": studies / f"{image_id}.nrrd", "label": labels / f"{image_id}.nii.gz", "format": "nrrd"}
+
+    def uploaded_nifti(image_id):  # a volume saved by Slicer (single-slice NIfTI) and uploaded by the client
+        image, label = cases[image_id]
+        grey = np.asarray(image.convert("L"), dtype=np.int16).T[:, :, None]
+        nib.save(nib.Nifti1Image(grey, NIFTI_AFFINE), uploads / f"{image_id}.nii.gz")
+        nib.save(nib.Nifti1Image(label.T[:, :, None], NIFTI_AFFINE), labels / f"{image_id}.nii.gz")
+        return {"image": uploads / f"{image_id}.nii.gz", "label": labels / f"{image_id}.nii.gz", "format": "nifti"}
+
+    return {
+        "normal_1": png("normal_1"),
+        "benign_1": png("benign_1", slicer_label=True),
+        "malignant_1": png("malignant_1"),
+        "benign_2": jpg("benign_2"),
+        "malignant_2": nrrd("malignant_2"),
+        "normal_2": uploaded_nifti("normal_2"),
+    }
+
+
+def file_sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def session(monailabel_env, tmp_path_factory):
+    """Start the server, drive it with MONAI Label's client, stop the server; return what was observed."""
+    work = tmp_path_factory.mktemp("monailabel")
+    studies = write_studies(work)
+    app = work / "app"
+    port = free_port()
+    server_tmp = work / "server-tmp"
+    server_tmp.mkdir()
+    env = {
+        **os.environ,
+        "MONAILABEL_VENV": str(VENV),
+        "MONAILABEL_APP": str(app),
+        "MONAI_LABEL_SESSION_PATH": str(work / "sessions"),
+        "TMPDIR": str(server_tmp),
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = work / "server.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            ["bash", str(MONAILABEL_DIR / "start.sh"), str(work / "studies"), str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            assert server.poll() is None, f"the server exited with {server.returncode}:\n{tail(log_path)}"
+            try:
+                with urllib.request.urlopen(f"{url}/info/", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no answer from {url} in {SERVER_START_TIMEOUT} s:\n{tail(log_path)}"
+            time.sleep(1)
+        startup_seconds = time.monotonic() - started
+        bundle_copy = app / "model" / MODEL
+        weights_before = file_sha(bundle_copy / "models" / "model.pt")
+        by_id = {image_id: case for image_id, case in studies.items()}
+        plan = {
+            "url": url,
+            "model": MODEL,
+            "out_dir": str(work / "results"),
+            "upload": [{"id": "normal_2", "file": str(studies["normal_2"]["image"])}],
+            "infer_before": list(by_id),
+            "labels": [
+                {
+                    "id": image_id,
+                    "file": str(case["label"]),
+                    "label_info": [{"name": "benign", "idx": 1}, {"name": "malignant", "idx": 2}],
+                }
+                for image_id, case in by_id.items()
+            ],
+            "train": {"max_epochs": 1, "val_split": 0.2},
+            "train_timeout": 900,
+            "infer_after": ["benign_1", "malignant_2"],
+        }
+        (work / "plan.json").write_text(json.dumps(plan))
+        driver = subprocess.run(
+            [str(monailabel_env), str(MONAILABEL_DIR / "e2e_client.py"), str(work / "plan.json"),
+             str(work / "report.json")],
+            capture_output=True, text=True, timeout=1500, cwd=work,
+        )  # fmt: skip
+        assert driver.returncode == 0, f"client failed:\n{driver.stderr[-4000:]}\nserver log:\n{tail(log_path)}"
+        report = json.loads((work / "report.json").read_text())
+        yield {
+            "report": report,
+            "studies": studies,
+            "app": app,
+            "bundle_copy": bundle_copy,
+            "weights_before": weights_before,
+            "log": log_path,
+            "work": work,
+            "startup_seconds": startup_seconds,
+        }
+    finally:
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop the server and its children (training runs) by their own process group, politely first."""
+    if server.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    try:  # children left in the group (a training run) go too
+        os.killpg(server.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def check_result(case: dict, result: dict) -> np.ndarray:
+    """One inference result: label file at the image's size and geometry, uint8 0/1/2 agreeing with the class."""
+    params = result["json"]
+    assert params["label_names"] == {"benign": 1, "malignant": 2}
+    assert params["class"] in CLASS_NAMES and params["class_index"] == CLASS_NAMES.index(params["class"])
+    probabilities = params["probabilities"]
+    assert list(probabilities) == list(CLASS_NAMES)
+    assert abs(sum(probabilities.values()) - 1) < 1e-3 and all(0 <= p <= 1 for p in probabilities.values())
+    assert params["class"] == max(probabilities, key=probabilities.get)
+    path = Path(result["file"])
+    assert path.is_file(), result
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    # a JPEG image gets a PNG label map: a lossy JPEG label file would alter label values at lesion borders
+    expected_suffix = {"png": ".png", "jpg": ".png", "nrrd": ".nrrd", "nifti": ".nii.gz"}[case["format"]]
+    assert suffix == expected_suffix, path
+    if case["format"] in ("png", "jpg"):
+        with Image.open(path) as label_file, Image.open(case["image"]) as image_file:
+            assert label_file.mode == "L", "8-bit grey label map expected"
+            label = np.asarray(label_file)
+            assert label.shape == image_file.size[::-1]
+    else:
+        label_image = itk.imread(str(path))
+        label = itk.array_from_image(label_image)
+        source = itk.imread(str(case["image"]))
+        assert tuple(itk.size(label_image)) == tuple(itk.size(source)), "label size differs from the image"
+        np.testing.assert_allclose(label_image.GetSpacing(), source.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(label_image.GetOrigin(), source.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(
+            itk.array_from_matrix(label_image.GetDirection()), itk.array_from_matrix(source.GetDirection()), atol=1e-6
+        )
+        assert label.dtype == np.uint8
+        label = label.reshape(label.shape[-2:])
+    values = set(np.unique(label).tolist())
+    assert values <= {0, params["class_index"]}, f"label values {values} disagree with class {params['class']}"
+    assert params["lesion_pixels"] == int((label > 0).sum())
+    return label
+
+
+def test_info_names_the_model_and_its_segments(session):
+    report = session["report"]
+    info = report["info"]
+    assert info["labels"] == ["benign", "malignant"]
+    model = info["models"][MODEL]
+    assert model["type"] == "segmentation" and model["dimension"] == 2
+    assert model["labels"] == {"benign": 1, "malignant": 2}
+    assert MODEL in info["trainers"]
+    assert set(session["studies"]) - {"normal_2"} <= set(report["datastore_ids"])
+    assert report["upload"] and report["upload"][0]["image"] == "normal_2"
+    compat = load_compat()
+    missing = compat.missing(REPO_ROOT / "bundle")
+    if missing:  # the bundle copy got them (prepare_app.py); say so in the test summary, never silently
+        warnings.warn(
+            "bundle/ still lacks MONAI Label changes, applied to the served copy only: " + "; ".join(missing),
+            stacklevel=1,
+        )
+    assert not compat.missing(session["bundle_copy"])
+
+
+@pytest.mark.parametrize("image_id", ["normal_1", "benign_1", "malignant_1", "benign_2", "malignant_2", "normal_2"])
+def test_inference_returns_a_label_map_at_the_image_geometry_and_the_class(session, image_id):
+    case = session["studies"][image_id]
+    check_result(case, session["report"]["infer_before"][image_id])
+
+
+def test_training_from_saved_labels_updates_the_served_weights(session):
+    report = session["report"]
+    assert [entry.get("image") for entry in report["labels"]] == list(session["studies"])
+    final_labels = sorted(p.name for p in (session["work"] / "studies" / "labels" / "final").iterdir())
+    assert len(final_labels) == len(session["studies"]), final_labels
+    status = report["train_status"]
+    details = "\n".join(status["details"])
+    assert status["status"] == "DONE", f"{status}\nserver log:\n{tail(session['log'])}"
+    assert "Restored all variables from" in details, "training did not start from the served weights"
+    assert "Training Finished" in details
+    assert report["train_params"]["max_epochs"] == 1
+    weights_after = file_sha(session["bundle_copy"] / "models" / "model.pt")
+    assert weights_after != session["weights_before"], "training did not write new weights"
+    for image_id, after in report["infer_after"].items():
+        before = report["infer_before"][image_id]
+        check_result(session["studies"][image_id], after)
+        assert after["json"]["probabilities"] != before["json"]["probabilities"], "inference still uses the old weights"
+    log = session["log"].read_text(errors="replace")
+    assert "Reload model from cache" in log
+
+
+def test_server_results_match_the_bundle_inference_workflow(session, monailabel_env, tmp_path):
+    """The served label maps equal what the bundle's own inference command writes with the same weights."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for image_id in session["report"]["infer_after"]:
+        source = session["studies"][image_id]["image"]
+        (inputs / source.name).symlink_to(source)
+    bundle = session["bundle_copy"]
+    result = subprocess.run(
+        [str(monailabel_env), "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+         "--bundle_root", str(bundle), "--dataset_dir", str(inputs), "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())["predictions"]
+    for row in rows:
+        image_id = Path(row["image"]).name.split(".")[0]
+        served = session["report"]["infer_after"][image_id]
+        served_probabilities = served["json"]["probabilities"]
+        for name in CLASS_NAMES:
+            assert abs(row[f"p_{name}"] - served_probabilities[name]) < 0.02, (image_id, row, served_probabilities)
+        reference = itk.array_from_image(itk.imread(row["label_map"]))
+        served_map = itk.array_from_image(itk.imread(served["file"]))
+        assert reference.shape == served_map.shape, image_id
+        if row["predicted_class"] == served["json"]["class"]:
+            agreement = float((reference == served_map).mean())
+            assert agreement > 0.99, (image_id, agreement)
