@@ -189,9 +189,9 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, datalist_args):
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, datalist_args):
-    """The warm-up keeps epoch 1 at learning rate 0; epoch 2 at 3e29 diverges."""
+    """The warm-up (3 epochs when max_epochs >= 12) keeps epoch 1 at learning rate 0; epoch 2 at 3e29 diverges."""
     work = tmp_path / "diverging"
-    result = run_bundle(*training_args(work, datalist_args, "--max_epochs", "3", "--learning_rate", "1e30"), ok=False)
+    result = run_bundle(*training_args(work, datalist_args, "--max_epochs", "12", "--learning_rate", "1e30"), ok=False)
     output = result.stdout + result.stderr
     assert re.search(r"training stopped: the loss is (nan|inf|-inf) at epoch 2, iteration \d+", output), output[-3000:]
     assert str(work / "models") in output
