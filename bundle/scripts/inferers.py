@@ -8,9 +8,22 @@ import torch
 from monai.inferers import Inferer
 from monai.utils import look_up_option
 
-__all__ = ["AutocastInferer"]
+__all__ = ["AutocastInferer", "as_bool"]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def as_bool(value: bool | str, name: str = "value") -> bool:
+    """A config switch given as a bool or as text: ``--amp false`` on the command line arrives as the string
+    ``"false"`` (python-fire only converts ``False``), which Python would take as true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 class AutocastInferer(Inferer):
@@ -20,16 +33,16 @@ class AutocastInferer(Inferer):
     channels-last layout lets oneDNN and cuDNN pick faster convolution kernels.
 
     Args:
-        enabled: use autocast; ``False`` runs plain float32.
+        enabled: use autocast; ``False`` runs plain float32 (``"true"`` / ``"false"`` text is accepted).
         dtype: ``"bfloat16"`` or ``"float16"`` (float16 on CUDA only; it needs a gradient scaler to train).
-        channels_last: convert inputs to channels-last memory format (convert the network too).
+        channels_last: convert inputs to channels-last memory format (convert the network too); text is accepted.
     """
 
-    def __init__(self, enabled: bool = True, dtype: str = "bfloat16", channels_last: bool = True) -> None:
+    def __init__(self, enabled: bool | str = True, dtype: str = "bfloat16", channels_last: bool | str = True) -> None:
         super().__init__()
-        self.enabled = enabled
+        self.enabled = as_bool(enabled, "enabled")
         self.dtype = look_up_option(dtype, AUTOCAST_DTYPES)
-        self.channels_last = channels_last
+        self.channels_last = as_bool(channels_last, "channels_last")
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         """Run ``network(inputs)``.

@@ -1,0 +1,287 @@
+"""Render bench/results/*.json as the tables of bundle/docs/benchmarks.md.
+
+Only the part between ``<!-- results:start -->`` and ``<!-- results:end -->`` is replaced; the text around it
+(the analysis) is kept. Run ``python bench/report.py`` after ``bench/run_all.py`` (which calls it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from common import BUNDLE_ROOT
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DOC = BUNDLE_ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+TARGET_MINUTES, TARGET_SPEEDUP, TARGET_LATENCY_MS, TARGET_METRIC_DELTA = 45.0, 3.0, 25.0, 0.01
+TRAIN_ORDER = ("default", "fp32", "no_channels_last", "no_cache", "prelu_dropout", "speed_switches_off", "no_meta",
+               "nice_workers", "tuned")
+
+
+def read(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def loads(*records: dict) -> str:
+    values = [r["process"]["load_before"][0] for r in records] + [r["process"]["load_after"][0] for r in records]
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
+def epochs_counted(result: dict) -> str:
+    n = len(result["epochs"])
+    return f"{n - 1} of {n}" if n > 1 else "1 of 1"
+
+
+def training_section(lines: list[str], targets: list) -> None:
+    runs = {name: read(f"train_{name}") for name in TRAIN_ORDER}
+    runs = {k: v for k, v in runs.items() if v}
+    unet, densenet = read("train_two_model_unet"), read("train_two_model_densenet")
+    if not runs:
+        return
+    off = runs.get("speed_switches_off")
+    base_ips = off["summary"]["images_per_s"] if off else None
+    lines += [
+        "### Training throughput (BUSI, 256 x 256, batch 16)",
+        "",
+        "Images/s: training images over the time from the first to the last iteration of an epoch (median over",
+        "the epochs after the first); the parts of an epoch's training time: waiting for the data loader,",
+        "network step (forward, loss, backward, optimizer), other (postprocessing, training metrics, handlers).",
+        "Epoch: training + validation (118 images) + checkpointing. 100 epochs: cache + 100 x epoch.",
+        "Memory: peak RSS of the main process / peak PSS summed over the process tree (main + data-loader workers).",
+        "",
+        "| configuration | images/s | x vs switches off | epoch (s) | data wait / network / other (s) | validation (s) "
+        "| cache (s) | 100 epochs (min) | peak RSS / tree PSS (MiB) | epochs counted | load (1-min) |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- |",
+    ]
+    for name, r in runs.items():
+        s = r["summary"]
+        minutes = (r["cache_s"] + 100 * s["epoch_s"]) / 60
+        ratio = s["images_per_s"] / base_ips if base_ips else float("nan")
+        lines.append(
+            f"| `{name}`: {r['description']} | {fmt(s['images_per_s'])} | {fmt(ratio, 2)} | {fmt(s['epoch_s'])} | "
+            f"{fmt(s['data_wait_s'])} / {fmt(s['network_s'])} / {fmt(s['other_s'])} | {fmt(s['val_s'])} | "
+            f"{fmt(r['cache_s'])} | {fmt(minutes, 0)} | {fmt(r['process']['peak_rss_mb'], 0)} / "
+            f"{fmt(r['process']['peak_tree_pss_mb'], 0)} | {epochs_counted(r)} | {loads(r)} |"
+        )
+    if unet and densenet:
+        a, b = unet["summary"]["images_per_s"], densenet["summary"]["images_per_s"]
+        combined = 1 / (1 / a + 1 / b)
+        ratio = combined / base_ips if base_ips else float("nan")
+        train_s = unet["summary"]["train_s"] + densenet["summary"]["train_s"]
+        for name, r in (("two_model_unet", unet), ("two_model_densenet", densenet)):
+            s = r["summary"]
+            lines.append(
+                f"| `{name}`: {r['description']}, {r['parameters'] / 1e6:.2f} M parameters | {fmt(s['images_per_s'])} "
+                f"| | {fmt(s['train_s'])} (no validation) | {fmt(s['data_wait_s'])} / {fmt(s['network_s'])} / "
+                f"{fmt(s['other_s'])} | | {fmt(r['cache_s'])} | | {fmt(r['process']['peak_rss_mb'], 0)} / "
+                f"{fmt(r['process']['peak_tree_pss_mb'], 0)} | {epochs_counted(r)} | {loads(r)} |"
+            )
+        lines.append(
+            f"| **two-model pipeline** (UNet then DenseNet121 on every image) | **{fmt(combined)}** | "
+            f"{fmt(ratio, 2)} | "
+            f"{fmt(train_s)} (no validation) | | | | {fmt((unet['cache_s'] + 100 * train_s) / 60, 0)} | | | |"
+        )
+    lines.append("")
+    default = runs.get("default")
+    if default:
+        lines.append(f"Parameters: multi-task network {default['parameters'] / 1e6:.2f} M"
+                     + (f"; UNet {unet['parameters'] / 1e6:.2f} M + DenseNet121 {densenet['parameters'] / 1e6:.2f} M = "
+                        f"{(unet['parameters'] + densenet['parameters']) / 1e6:.2f} M" if unet and densenet else "")
+                     + ".")  # fmt: skip
+        lines.append("")
+        minutes = (default["cache_s"] + 100 * default["summary"]["epoch_s"]) / 60
+        targets.append(("100-epoch BUSI training at 256 x 256", f"<= {TARGET_MINUTES:.0f} min",
+                        f"{minutes:.0f} min (cache {default['cache_s']:.0f} s + 100 x "
+                        f"{default['summary']['epoch_s']:.1f} s)",
+                        minutes <= TARGET_MINUTES))  # fmt: skip
+        if off:
+            ratio = default["summary"]["images_per_s"] / base_ips
+            targets.append(("training images/s vs speed switches off", f">= {TARGET_SPEEDUP:.0f}x",
+                            f"{ratio:.2f}x ({default['summary']['images_per_s']:.1f} vs {base_ips:.1f} images/s)",
+                            ratio >= TARGET_SPEEDUP))  # fmt: skip
+    fp32 = runs.get("fp32")
+    if default and fp32:
+        n = min(len(default["epochs"]), len(fp32["epochs"]))
+        d, f = default["epochs"][n - 1]["val_metrics"], fp32["epochs"][n - 1]["val_metrics"]
+        lines += [
+            f"### bf16 vs float32: validation after {n} epochs, same seed, same data order and augmentation",
+            "",
+            "| metric | bf16 + channels-last (default) | float32 (`--amp False`) | difference |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for key in ("val_lesion_dice", "val_accuracy", "val_macro_f1", "val_score"):
+            lines.append(f"| {key} | {d[key]:.4f} | {f[key]:.4f} | {d[key] - f[key]:+.4f} |")
+        lines.append("")
+        for key, label in (("val_lesion_dice", "validation lesion Dice"), ("val_accuracy", "validation accuracy")):
+            delta = abs(d[key] - f[key])
+            targets.append((f"{label}, bf16 vs float32 after {n} epochs", f"within {TARGET_METRIC_DELTA}",
+                            f"{d[key]:.3f} vs {f[key]:.3f} (difference {delta:.3f})",
+                            delta <= TARGET_METRIC_DELTA))  # fmt: skip
+
+
+def prediction_section(lines: list[str], targets: list) -> None:
+    predict = read("predict")
+    if predict:
+        b = predict["backends"]
+        eager = b.get("eager")
+        lines += [
+            f"### Network prediction, {predict['size']} x {predict['size']}, {predict['threads']} threads "
+            f"(load {loads(predict)})",
+            "",
+            "Network only (no pre- or post-processing); batch 1: median (90th percentile) over the timed runs.",
+            "",
+            "| back-end | batch 1 (ms) | batch 16 (images/s) | batch 16 x vs eager float32 | build (s) |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in b.items():
+            ratio = r["batch16_images_per_s"] / eager["batch16_images_per_s"] if eager else float("nan")
+            lines.append(f"| {name} | {fmt(r['batch1_ms'])} ({fmt(r['batch1_p90_ms'])}) | "
+                         f"{fmt(r['batch16_images_per_s'])} | {fmt(ratio, 2)} | {fmt(r['build_s'])} |")  # fmt: skip
+        lines.append("")
+        lines.append(f"Peak RSS of the prediction benchmark process (all four back-ends loaded): "
+                     f"{fmt(predict['process']['peak_rss_mb'], 0)} MiB.")  # fmt: skip
+        lines.append("")
+        best = min(b.items(), key=lambda item: item[1]["batch1_ms"])
+        default = b.get("eager_bf16")
+        if default:
+            targets.append(("batch-1 latency, bundle default (eager bf16)", f"<= {TARGET_LATENCY_MS:.0f} ms",
+                            f"{default['batch1_ms']:.1f} ms", default["batch1_ms"] <= TARGET_LATENCY_MS))  # fmt: skip
+        targets.append(("batch-1 latency, fastest back-end", f"<= {TARGET_LATENCY_MS:.0f} ms",
+                        f"{best[1]['batch1_ms']:.1f} ms ({best[0]})",
+                        best[1]["batch1_ms"] <= TARGET_LATENCY_MS))  # fmt: skip
+    inference = read("inference")
+    if inference:
+        lines += [
+            "### End to end: `inference.json` on generated images (BUSI-like sizes, 450-600 x 500-780 pixels)",
+            "",
+            "Wall: the whole command (start-up, model loading, listing and checking the files, prediction, writing "
+            "label maps, overlays and tables); engine: the evaluator's run. Median of the repeats.",
+            "",
+            "| run | images | wall (s) | engine (s) | engine ms / image | peak RSS / tree PSS (MiB) | load (1-min) |",
+            "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+        ]
+        for name, r in inference["variants"].items():
+            args = " ".join(r["args"]) or "defaults (batch 1, no workers)"
+            runs = r["runs"]
+            load_range = f"{min(x['load_before'][0] for x in runs):.1f}-{max(x['load_after'][0] for x in runs):.1f}"
+            lines.append(f"| {name} (`{args}`) | {r['images']} | {fmt(r['wall_s'])} | {fmt(r['engine_s'])} | "
+                         f"{fmt(1000 * r['engine_s'] / r['images'], 0)} | {fmt(r['peak_rss_mb'], 0)} / "
+                         f"{fmt(r['peak_tree_pss_mb'], 0)} | {load_range} |")  # fmt: skip
+        lines.append("")
+
+
+def preprocessing_section(lines: list[str]) -> None:
+    pre = read("preprocess")
+    if not pre:
+        return
+    lines += [
+        f"### Preprocessing per image (one thread, {pre['num_images']} BUSI training images, load {loads(pre)})",
+        "",
+        "Deterministic part (cached once by `CacheDataset`): load image and masks, one channel, resize to 256 x 256, "
+        "denoise, percentile scaling. Median ms per image.",
+        "",
+        "| denoise | deterministic pipeline (ms) | denoising alone, 256 x 256 (ms) | 546 training images (s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for method, ms in pre["deterministic_ms"].items():
+        lines.append(f"| {method} | {fmt(ms)} | {fmt(pre['denoise_only_ms'][method], 2)} | {fmt(546 * ms / 1000)} |")
+    if "deterministic_steps_ms" in pre:
+        steps = pre["deterministic_steps_ms"]
+        lines += ["", "Steps of the deterministic pipeline (denoise median), median ms per image: "
+                  + ", ".join(f"{name} {fmt(ms, 2)}" for name, ms in steps.items()) + "."]  # fmt: skip
+    if "percentile_scaling_ms" in pre:
+        p = pre["percentile_scaling_ms"]
+        lines += ["", f"Percentile scaling alone: MONAI's `ScaleIntensityRangePercentilesd` {fmt(p['monai'], 2)} ms "
+                  f"(two `torch.quantile` sorts) vs both percentiles from one `np.percentile` call "
+                  f"{fmt(p['numpy_one_call'], 2)} ms, same output (max difference {p['max_abs_difference']:.1e})."]
+    r, c = pre["random_ms"], pre["collate16_ms"]
+    lines += [
+        "",
+        "Per epoch (data-loader workers): random augmentation + normalisation, mean ms per image; collating a batch "
+        "of 16.",
+        "",
+        "| | with metadata (MetaTensor, default) | without (`set_track_meta(False)`) |",
+        "| --- | ---: | ---: |",
+        f"| augmentation per image (ms) | {fmt(r['meta'], 2)} | {fmt(r['no_meta'], 2)} |",
+        f"| collate 16 (ms) | {fmt(c['meta'], 2)} | {fmt(c['no_meta'], 2)} |",
+        "",
+    ]
+    if "list_images_ms_per_image" in pre:
+        lines += [f"`scripts.io.list_images` check before prediction: {fmt(pre['list_images_ms_per_image'])} ms per "
+                  "generated image (one extra decode).", ""]  # fmt: skip
+
+
+def profile_section(lines: list[str]) -> None:
+    profile = read("profile_inference")
+    if not profile:
+        return
+    lines += [
+        f"### Where an `inference.json` run spends its time (cProfile, {profile['images']} generated images)",
+        "",
+        "Cumulative time per stage, ms per image (cProfile inflates Python-heavy steps; read the shares).",
+        "",
+        "| stage | ms / image |",
+        "| --- | ---: |",
+    ]
+    lines += [f"| {stage} | {fmt(v['ms_per_image'])} |" for stage, v in profile["stages"].items()]
+    lines.append("")
+
+
+def render() -> str:
+    run = read("run") or {}
+    m = run.get("machine", {})
+    lines = [
+        START,
+        "",
+        f"Measured {run.get('started', '?')} - {run.get('finished', '?')}: {m.get('cpu', '?')}, {m.get('cores', '?')} "
+        f"cores, torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} intra-op threads), MONAI "
+        f"{m.get('monai', '?')}, Python {m.get('python', '?')}; load average at start {m.get('load', '?')}, at end "
+        f"{run.get('load_at_end', '?')}." + (" QUICK SMOKE RUN: not valid numbers." if run.get("quick") else ""),
+        "",
+    ]
+    targets: list = []
+    training_section(lines, targets)
+    prediction_section(lines, targets)
+    profile_section(lines)
+    preprocessing_section(lines)
+    if targets:
+        lines += ["### Targets (this machine)", "", "| target | goal | measured | met |", "| --- | --- | --- | --- |"]
+        lines += [f"| {t} | {goal} | {value} | {'yes' if ok else '**no**'} |" for t, goal, value, ok in targets]
+        lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+SKELETON = """# Benchmarks
+
+Measured with one command from the repository root (see `bench/README.md`):
+
+```bash
+python bench/run_all.py --dataset_dir /path/to/Dataset_BUSI_with_GT
+```
+
+{results}
+"""
+
+
+def main() -> None:
+    table = render()
+    if DOC.is_file() and START in DOC.read_text():
+        text = DOC.read_text()
+        before, rest = text.split(START, 1)
+        after = rest.split(END, 1)[1] if END in rest else ""
+        DOC.write_text(before + table + after)
+    else:
+        DOC.write_text(SKELETON.format(results=table))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Prediction back-ends agree with eager PyTorch on both outputs (segmentation and class logits).
+
+Tiny network in eval mode with non-trivial BatchNorm statistics; batch 1 and 3 (the exports have a dynamic batch axis).
+
+Tolerances (float32 everywhere except the mixed-precision row):
+
+- TorchScript (``torch.jit.script``): the same kernels as eager, atol = rtol = 1e-5;
+- TorchScript frozen for inference (``torch.jit.freeze`` + ``optimize_for_inference``, BatchNorm folded into the
+  convolutions, as benchmarked in ``bench/``): atol = rtol = 1e-4 (measured: about 3e-6);
+- ONNX Runtime (``torch.onnx.export(dynamo=False)``, opset 17, CPU provider): atol = rtol = 1e-4 (measured: about
+  3e-6);
+- bf16 autocast + channels-last (``scripts.inferers.AutocastInferer``, the bundle's default on CPU): softmax
+  probabilities of both outputs within 0.05 of float32 at every pixel and 0.005 on average (measured: 0.011 and
+  below 0.001; bf16 keeps 8 significant bits), and the same predicted classes.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.inferers import AutocastInferer
+from scripts.net import MultiTaskResUNet
+
+from .conftest import REPO_ROOT
+
+TINY = {"channels": (8, 16, 32, 64), "strides": (2, 2, 2, 2), "decoder_channels": (32, 16, 8, 8)}
+SIZE = (64, 64)
+OUTPUTS = ("pred", "cls")
+
+
+@pytest.fixture(scope="module")
+def network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = MultiTaskResUNet(**TINY)
+    with torch.no_grad():  # BatchNorm affine parameters and running statistics away from their initial values
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+                module.momentum = None  # running statistics: cumulative average of the batches below
+        net.train()
+        for _ in range(4):
+            net(torch.randn(4, 1, *SIZE))
+    return net.eval()
+
+
+def inputs(batch: int) -> torch.Tensor:
+    return torch.randn(batch, 1, *SIZE, generator=torch.Generator().manual_seed(batch))
+
+
+def eager(network: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return network(x)
+
+
+def onnx_bytes(network: torch.nn.Module) -> bytes:
+    stream = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter notices and tracer warnings about shape checks
+        torch.onnx.export(
+            network, (inputs(2),), stream, dynamo=False, input_names=["image"], output_names=list(OUTPUTS),
+            dynamic_axes={"image": {0: "batch"}, "pred": {0: "batch"}, "cls": {0: "batch"}}, opset_version=17,
+        )  # fmt: skip
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_torchscript_matches_eager(network, batch):
+    scripted = torch.jit.script(network)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x = inputs(batch)
+    expected = eager(network, x)
+    with torch.no_grad():
+        found = loaded(x)
+    assert list(found) == list(OUTPUTS)
+    for key in OUTPUTS:
+        assert found[key].shape == expected[key].shape
+        torch.testing.assert_close(found[key], expected[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_frozen_torchscript_matches_eager(network, batch):
+    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(network)))
+    x = inputs(batch)
+    expected = eager(network, x)
+    with torch.no_grad():
+        found = frozen(x)
+    for key in OUTPUTS:
+        torch.testing.assert_close(found[key], expected[key], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnxruntime_matches_eager(network, batch):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    session = onnxruntime.InferenceSession(onnx_bytes(network), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == list(OUTPUTS)
+    x = inputs(batch)
+    expected = eager(network, x)
+    pred, cls = session.run(None, {"image": x.numpy()})
+    assert pred.shape == (batch, 3, *SIZE) and cls.shape == (batch, 3)
+    np.testing.assert_allclose(pred, expected["pred"].numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(cls, expected["cls"].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_channels_last_inferer_is_close_to_float32(network):
+    x = inputs(3)
+    expected = eager(network, x)
+    channels_last = MultiTaskResUNet(**TINY).eval().to(memory_format=torch.channels_last)
+    channels_last.load_state_dict(network.state_dict())
+    with torch.no_grad():
+        found = AutocastInferer(enabled=True, dtype="bfloat16", channels_last=True)(x, channels_last)
+    for key in OUTPUTS:
+        assert found[key].dtype == torch.float32
+        difference = (found[key].softmax(1) - expected[key].softmax(1)).abs()
+        assert difference.max() < 0.05 and difference.mean() < 0.005, (key, float(difference.max()))
+    assert torch.equal(found["cls"].argmax(1), expected["cls"].argmax(1))
+
+
+def test_benchmark_backends_are_the_tested_ones(network):
+    """``bench/backends.py`` builds the same back-ends; what the benchmark times matches eager PyTorch."""
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
+    try:
+        import backends
+    finally:
+        sys.path.remove(str(REPO_ROOT / "bench"))
+    x = inputs(3)
+    expected = eager(network, x)
+    for name in backends.BACKENDS:
+        predict = backends.make_predictor(name, network, example=x[:1])
+        found = predict(x)
+        for key in OUTPUTS:
+            assert found[key].dtype == torch.float32 and found[key].shape == expected[key].shape
+            if name.endswith("bf16"):  # bf16 tolerance, as above
+                difference = (found[key].softmax(1) - expected[key].softmax(1)).abs()
+                assert difference.max() < 0.05 and difference.mean() < 0.005, (name, key, float(difference.max()))
+            else:
+                torch.testing.assert_close(found[key], expected[key], atol=1e-4, rtol=1e-4, msg=f"{name} {key}")
+
+
+def test_inferer_switches_given_as_text():
+    """``--amp false`` arrives from the command line as the text "false": it must switch autocast off."""
+    inferer = AutocastInferer(enabled="false", channels_last="False")
+    assert inferer.enabled is False and inferer.channels_last is False
+    assert AutocastInferer(enabled="true").enabled is True
+    with pytest.raises(ValueError, match="enabled"):
+        AutocastInferer(enabled="maybe")
