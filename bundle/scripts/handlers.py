@@ -30,6 +30,7 @@ from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.transforms import Randomizable, Transform
 from monai.utils import optional_import
 
+from .inferers import as_bool
 from .io import atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -277,18 +278,6 @@ def set_random_states(states: Mapping, transform: Any = None) -> None:
             _set_numpy_state(generator, saved[path])
 
 
-def _as_bool(value: Any, name: str) -> bool:
-    """A config flag given as a bool or as text (``--resume true`` arrives as the string ``"true"``)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
-
-
 class TrainingCheckpoint:
     """Write a full training checkpoint after every epoch, and resume from it.
 
@@ -329,7 +318,7 @@ class TrainingCheckpoint:
         self.save_dict = dict(save_dict)
         if "trainer" in self.save_dict or "random_states" in self.save_dict:
             raise ValueError("save_dict may not use the reserved names 'trainer' and 'random_states'.")
-        self.resume = _as_bool(resume, "resume")
+        self.resume = as_bool(resume, "resume")
         self.save_interval = save_interval
         self.map_location = map_location
 
