@@ -51,52 +51,77 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-            tree.setdefault(int(fields[1]), []).append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as stream:
+                found += [int(x) for x in stream.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    pending, tree = [pid], []
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(_children(current))
     return tree
 
 
-def tree_memory_mb(pid: int) -> tuple[float, float]:
-    """(sum of RSS, sum of PSS) in MiB of ``pid`` and all its descendants.
+def tree_memory_mb(pid: int, pss: bool = True) -> tuple[float, float]:
+    """(sum of RSS, sum of PSS) in MiB of ``pid`` and all its descendants (PSS 0 when ``pss`` is False).
 
     RSS counts pages shared between the processes (the forked data-loader workers share the dataset cache with
     the main process) once per process; PSS splits shared pages between them, so its sum is the real footprint.
     """
-    tree, pending, rss, pss = _children(), [pid], 0.0, 0.0
-    while pending:
-        current = pending.pop()
-        pending.extend(tree.get(current, []))
+    rss, total_pss = 0.0, 0.0
+    for current in _tree(pid):
         try:
-            with open(f"/proc/{current}/smaps_rollup") as stream:
-                for line in stream:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) / 1024
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) / 1024
-        except OSError:
+            with open(f"/proc/{current}/statm") as stream:
+                rss += int(stream.read().split()[1]) * PAGE_KB / 1024
+            if pss:
+                with open(f"/proc/{current}/smaps_rollup") as stream:
+                    for line in stream:
+                        if line.startswith("Pss:"):
+                            total_pss += int(line.split()[1]) / 1024
+                            break
+        except (OSError, IndexError, ValueError):
             continue
-    return rss, pss
+    return rss, total_pss
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds spent by all processes of the machine since boot (user, nice, system, irq, softirq, steal)."""
+    with open("/proc/stat") as stream:
+        fields = [int(x) for x in stream.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_idle(threshold: float = 0.6, max_wait_s: float = 600) -> float:
+    """Wait until the 1-minute load average falls below ``threshold`` (at most ``max_wait_s``); seconds waited."""
+    start = time.perf_counter()
+    while os.getloadavg()[0] >= threshold and time.perf_counter() - start < max_wait_s:
+        time.sleep(5)
+    return time.perf_counter() - start
 
 
 def run_measured(command: list[str], log: Path, env: dict | None = None, timeout: float = 3600) -> dict:
-    """Run a child process, sampling the memory of its process tree every 0.2 s.
+    """Run a child process, sampling the memory of its process tree (RSS every 0.5 s, PSS every 2 s).
 
     Returns:
         ``{"rc", "wall_s", "peak_rss_mb"`` (the main process, from ``wait4``), ``"peak_tree_rss_mb"``,
-        ``"peak_tree_pss_mb"`` (all processes of the tree summed), ``"load_before"``, ``"load_after"}``.
+        ``"peak_tree_pss_mb"`` (all processes of the tree summed), ``"load_before"``, ``"load_after"``,
+        ``"other_cores"``: CPU time used by processes outside the measured tree and this one, per second of the run
+        (0: the machine was otherwise idle; 1: another process kept one core busy)``}``.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     before = load()
+    busy_before, own_before = busy_cpu_s(), time.process_time()
     start = time.perf_counter()
     with open(log, "w") as stream:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=environment, stdout=stream, stderr=subprocess.STDOUT)
@@ -104,10 +129,12 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
         done = threading.Event()
 
         def sample() -> None:
+            count = 0
             while not done.is_set():
-                rss, pss = tree_memory_mb(process.pid)
+                rss, pss = tree_memory_mb(process.pid, pss=count % 4 == 0)
                 peaks["rss"], peaks["pss"] = max(peaks["rss"], rss), max(peaks["pss"], pss)
-                done.wait(0.2)
+                count += 1
+                done.wait(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -121,13 +148,18 @@ def run_measured(command: list[str], log: Path, env: dict | None = None, timeout
                 process.kill()
                 pid, status, usage = os.wait4(process.pid, 0)
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
         process.returncode = os.waitstatus_to_exitcode(status)
         done.set()
         sampler.join()
+    wall = time.perf_counter() - start
+    child_cpu = usage.ru_utime + usage.ru_stime if usage else 0.0  # includes the workers it reaped
+    other = busy_cpu_s() - busy_before - child_cpu - (time.process_time() - own_before)
     return {
         "rc": process.returncode,
-        "wall_s": time.perf_counter() - start,
+        "wall_s": wall,
+        "cpu_s": child_cpu,
+        "other_cores": max(0.0, other / wall),
         "peak_rss_mb": usage.ru_maxrss / 1024 if usage else float("nan"),
         "peak_tree_rss_mb": peaks["rss"],
         "peak_tree_pss_mb": peaks["pss"],

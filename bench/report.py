@@ -30,8 +30,11 @@ def fmt(value: float, digits: int = 1) -> str:
 
 
 def loads(*records: dict) -> str:
-    values = [r["process"]["load_before"][0] for r in records] + [r["process"]["load_after"][0] for r in records]
-    return f"{min(values):.1f}-{max(values):.1f}"
+    """1-minute load average before / after, and the CPU other processes used during the run (in cores)."""
+    processes = [r["process"] for r in records]
+    values = [p["load_before"][0] for p in processes] + [p["load_after"][0] for p in processes]
+    other = max(p.get("other_cores", float("nan")) for p in processes)
+    return f"{min(values):.1f}-{max(values):.1f}, other {fmt(other, 2)}"
 
 
 def epochs_counted(result: dict) -> str:
@@ -55,9 +58,11 @@ def training_section(lines: list[str], targets: list) -> None:
         "network step (forward, loss, backward, optimizer), other (postprocessing, training metrics, handlers).",
         "Epoch: training + validation (118 images) + checkpointing. 100 epochs: cache + 100 x epoch.",
         "Memory: peak RSS of the main process / peak PSS summed over the process tree (main + data-loader workers).",
+        "Load: 1-minute load average before-after the run; other CPU: CPU time of all other processes of the",
+        "machine during the run, in cores (0 = otherwise idle, 1 = another process kept a core busy).",
         "",
         "| configuration | images/s | x vs switches off | epoch (s) | data wait / network / other (s) | validation (s) "
-        "| cache (s) | 100 epochs (min) | peak RSS / tree PSS (MiB) | epochs counted | load (1-min) |",
+        "| cache (s) | 100 epochs (min) | peak RSS / tree PSS (MiB) | epochs counted | load, other CPU (cores) |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for name, r in runs.items():
@@ -164,13 +169,14 @@ def prediction_section(lines: list[str], targets: list) -> None:
             "Wall: the whole command (start-up, model loading, listing and checking the files, prediction, writing "
             "label maps, overlays and tables); engine: the evaluator's run. Median of the repeats.",
             "",
-            "| run | images | wall (s) | engine (s) | engine ms / image | peak RSS / tree PSS (MiB) | load (1-min) |",
+            "| run | images | wall (s) | engine (s) | engine ms / image | peak RSS / tree PSS (MiB) "
+            "| load, other CPU (cores) |",
             "| --- | ---: | ---: | ---: | ---: | --- | --- |",
         ]
         for name, r in inference["variants"].items():
             args = " ".join(r["args"]) or "defaults (batch 1, no workers)"
             runs = r["runs"]
-            load_range = f"{min(x['load_before'][0] for x in runs):.1f}-{max(x['load_after'][0] for x in runs):.1f}"
+            load_range = loads(*({"process": x} for x in runs))
             lines.append(f"| {name} (`{args}`) | {r['images']} | {fmt(r['wall_s'])} | {fmt(r['engine_s'])} | "
                          f"{fmt(1000 * r['engine_s'] / r['images'], 0)} | {fmt(r['peak_rss_mb'], 0)} / "
                          f"{fmt(r['peak_tree_pss_mb'], 0)} | {load_range} |")  # fmt: skip

@@ -24,7 +24,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, BUNDLE_ROOT, load, machine, median, python_command, run_measured, write_json
+from common import (
+    BENCH_DIR,
+    BUNDLE_ROOT,
+    load,
+    machine,
+    median,
+    python_command,
+    run_measured,
+    wait_for_idle,
+    write_json,
+)
 
 RESULTS = BENCH_DIR / "results"
 PARTS = ("preprocess", "predict", "inference", "train")
@@ -53,6 +63,15 @@ TRAIN_RUNS = [
     ("two_model_densenet", "MONAI DenseNet121 (cross-entropy), float32, same data loader", "densenet", 2, {}),
 ]  # fmt: skip
 EXTRA_ARGS = {"no_meta": ["--no_meta_after_cache"], "tuned": ["--no_meta_after_cache"]}
+
+
+IDLE = {"threshold": 0.6, "max_wait_s": 600.0}
+
+
+def measure(command: list[str], log: Path) -> dict:
+    """``run_measured`` once the machine is idle (1-minute load below ``IDLE["threshold"]``, or after a wait)."""
+    waited = wait_for_idle(IDLE["threshold"], IDLE["max_wait_s"]) if IDLE["max_wait_s"] > 0 else 0.0
+    return {**run_measured(command, log), "waited_for_idle_s": waited}
 
 
 def synthetic_folder(root: Path, count: int) -> Path:
@@ -109,7 +128,7 @@ def run_inference(folder: Path, checkpoint: Path, work: Path, repeats: int) -> d
             command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundle/configs/inference.json",
                        "--dataset_dir", str(source), "--output_dir", str(out), "--ckpt_path", str(checkpoint),
                        *extra]  # fmt: skip
-            measured = run_measured(command, log)
+            measured = measure(command, log)
             if measured["rc"] != 0:
                 raise RuntimeError(f"inference {name} failed, see {log}")
             with open(out / "predictions.csv") as stream:
@@ -138,7 +157,10 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=None, help="training runs to do (default: all)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1-2 epochs, few repeats")
     ap.add_argument("--no_report", action="store_true", help="don't rewrite bundle/docs/benchmarks.md")
+    ap.add_argument("--idle_load", type=float, default=0.6, help="wait for a 1-minute load average below this")
+    ap.add_argument("--max_wait", type=float, default=600, help="longest wait for it before each measurement (s)")
     args = ap.parse_args()
+    IDLE.update(threshold=args.idle_load, max_wait_s=args.max_wait)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -155,13 +177,13 @@ def main() -> None:
             command = python_command("preprocess_bench.py", "--dataset_dir", args.dataset_dir, *datalist,
                                      "--num_images", "10" if args.quick else "60", "--image_folder", str(folder),
                                      "--out", str(out))  # fmt: skip
-            measured = run_measured(command, RESULTS / "logs" / "preprocess.log")
+            measured = measure(command, RESULTS / "logs" / "preprocess.log")
             assert measured["rc"] == 0, "preprocess benchmark failed, see bench/results/logs/preprocess.log"
             write_json(out, {**json.loads(out.read_text()), "process": measured})
         if "predict" in args.only:
             out = RESULTS / "predict.json"
             command = python_command("predict_bench.py", "--repeats", "10" if args.quick else "50", "--out", str(out))
-            measured = run_measured(command, RESULTS / "logs" / "predict.log")
+            measured = measure(command, RESULTS / "logs" / "predict.log")
             assert measured["rc"] == 0, "prediction benchmark failed, see bench/results/logs/predict.log"
             write_json(out, {**json.loads(out.read_text()), "process": measured})
         if "inference" in args.only:
@@ -171,7 +193,7 @@ def main() -> None:
             out = RESULTS / "profile_inference.json"
             command = python_command("profile_inference.py", "--dataset_dir", str(folder), "--ckpt_path",
                                      str(checkpoint), "--out", str(out))  # fmt: skip
-            measured = run_measured(command, RESULTS / "logs" / "profile_inference.log")
+            measured = measure(command, RESULTS / "logs" / "profile_inference.log")
             assert measured["rc"] == 0, "inference profile failed, see bench/results/logs/profile_inference.log"
             write_json(out, {**json.loads(out.read_text()), "process": measured})
         if "train" in args.only:
@@ -186,7 +208,7 @@ def main() -> None:
                 if args.quick:
                     command += ["--epoch_length", "4"]
                 print(f"train {name}: {' '.join(command)}", flush=True)
-                measured = run_measured(command, RESULTS / "logs" / f"train_{name}.log")
+                measured = measure(command, RESULTS / "logs" / f"train_{name}.log")
                 if measured["rc"] != 0:
                     print(f"train {name} failed (exit {measured['rc']}), see bench/results/logs/train_{name}.log")
                     continue
