@@ -1,0 +1,64 @@
+"""tools/ablate.py: the validation scores of the ablation table and the overrides of its variants."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def ablate():
+    spec = importlib.util.spec_from_file_location("ablate", REPO_ROOT / "tools" / "ablate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outputs() -> dict[str, np.ndarray]:
+    """Three images: a normal one (empty map), a benign lesion half found, a malignant lesion fully found."""
+    label = np.zeros((3, 8, 8), dtype=np.uint8)
+    label[1, :4, :4] = 1
+    label[2, 4:, 4:] = 2
+    seg = np.zeros((3, 8, 8), dtype=np.float32)
+    seg[0, 0, 0] = 0.9  # a one-pixel false positive on the normal image
+    seg[1, :2, :4] = 0.8
+    seg[2, 4:, 4:] = 0.7
+    cls = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]], dtype=np.float32)
+    return {"seg": seg, "cls": cls, "label": label}
+
+
+def test_scores(ablate):
+    scores = ablate.score(_outputs())
+    # benign: 8 of 16 pixels found, no extra -> Dice 2*8/(8+16); malignant: perfect
+    assert scores["dice_seg"] == pytest.approx((16 / 24 + 1.0) / 2)
+    # the malignant image is classified normal, so its shipped map is emptied
+    assert scores["dice"] == pytest.approx((16 / 24 + 0.0) / 2)
+    # the normal image is classified normal, so its false-positive pixel is removed
+    assert scores["normal_fp"] == 0.0
+    assert scores["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_normal_threshold_keeps_confident_lesion_maps(ablate):
+    scores = ablate.score(_outputs(), normal_threshold=0.55)
+    # p(normal) 0.5 of the malignant image is below the threshold: its map is kept
+    assert scores["dice"] == pytest.approx(scores["dice_seg"])
+    # p(normal) 0.6 of the normal image is above it: still emptied
+    assert scores["normal_fp"] == 0.0
+    assert ablate.score(_outputs(), normal_threshold=0.95)["normal_fp"] == 1.0
+
+
+def test_variants_override_existing_config_entries(ablate):
+    config = json.loads((REPO_ROOT / "bundle" / "configs" / "train.json").read_text())
+    for name, overrides in ablate.VARIANTS.items():
+        for key in ablate._resolve(overrides):
+            node = config
+            for part in key.split("#")[:-1]:
+                node = node[part]
+            assert key.split("#")[-1] in node or key == "loss#class_weights", f"{name}: {key} not in train.json"
+    geometric = ablate._resolve(ablate.VARIANTS["geometric_augmentation_only"])["train#random_transforms"]
+    assert [t["_target_"] for t in geometric] == ["RandAffined", "RandFlipd"]

@@ -1,0 +1,278 @@
+"""Ablations of the training recipe on the validation split, at one small budget, side by side.
+
+Each variant trains ``bundle/configs/train.json`` with a few overrides (its own process, one OpenMP thread, two
+variants at a time on a 2-core machine), then its last-epoch weights are scored on the validation split. Every
+variant gets the same budget (image size, epochs, schedule), and all are scored from the last epoch, so no
+variant profits from model selection on the split it is scored on.
+
+Scores per variant:
+
+- ``dice_seg``: lesion Dice of the segmentation head alone (lesion = background probability < 0.5);
+- ``dice``: lesion Dice of the shipped label map, which is emptied when the image is classified normal;
+- ``normal_fp``: share of normal images whose shipped label map is not empty;
+- ``accuracy``, ``macro_f1``, ``macro_auc`` of the classification head.
+
+Usage::
+
+    python tools/ablate.py run --dataset_dir ../shared/data/Dataset_BUSI_with_GT --out runs/ablation
+    python tools/ablate.py report --out runs/ablation      # markdown table of mean and spread over seeds
+    python tools/ablate.py score --dataset_dir ... --ckpt bundle/models/model.pt --image_size 256 --tta true
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+TRAIN_CONFIG = BUNDLE / "configs" / "train.json"
+
+
+def _light_augmentation() -> list:
+    """The training augmentation without its intensity transforms (geometry only: affine and flip)."""
+    transforms = json.loads(TRAIN_CONFIG.read_text())["train"]["random_transforms"]
+    return [t for t in transforms if t["_target_"] in ("RandAffined", "RandFlipd")]
+
+
+# name -> overrides of train.json; seeds are added by ``run``
+VARIANTS: dict[str, dict] = {
+    "multitask": {},
+    "segmentation_only": {"loss_beta": 0.0},
+    "classification_only": {"loss_alpha": 0.0},
+    "no_denoising": {"denoise": "none"},
+    "beta_1.0": {"loss_beta": 1.0},
+    "beta_0.2": {"loss_beta": 0.2},
+    "class_weighted_ce": {"loss#class_weights": [1.6, 0.5, 1.0]},
+    "geometric_augmentation_only": {"train#random_transforms": "light"},
+}
+SEEDED = ("multitask", "segmentation_only", "classification_only")
+
+
+def _budget(image_size: int, epochs: int) -> dict:
+    return {
+        "image_size": [image_size, image_size],
+        "max_epochs": epochs,
+        "early_stop_patience": epochs + 1,
+        "num_workers": 0,
+    }
+
+
+def _resolve(overrides: dict) -> dict:
+    resolved = dict(overrides)
+    if resolved.get("train#random_transforms") == "light":
+        resolved["train#random_transforms"] = _light_augmentation()
+    return resolved
+
+
+def _parser(dataset_dir: str, overrides: dict):
+    from monai.bundle import ConfigParser
+
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN_CONFIG))
+    parser["bundle_root"] = str(BUNDLE)
+    parser["dataset_dir"] = dataset_dir
+    for key, value in _resolve(overrides).items():
+        parser[key] = copy.deepcopy(value)
+    return parser
+
+
+@torch.no_grad()
+def predict_split(
+    dataset_dir: str, ckpt: str, overrides: dict, split: str = "validation", tta: bool = False
+) -> dict[str, np.ndarray]:
+    """Probabilities of a checkpoint on one split of the datalist.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        ckpt: ``model.pt`` (``{"model": state_dict}``) or ``checkpoint.pt`` (its ``"model"`` entry is used).
+        overrides: train.json overrides the checkpoint was trained with (image size, network).
+        split: datalist split.
+        tta: also predict the horizontally flipped image and average the probabilities.
+
+    Returns:
+        ``seg`` lesion probability ``(N, H, W)``, ``cls`` class probabilities ``(N, 3)``, ``label`` label maps
+        ``(N, H, W)``.
+    """
+    parser = _parser(dataset_dir, {**overrides, "validate#split": split})
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    items = parser.get_parsed_content("validate#datalist")()
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    network.eval().to(memory_format=torch.channels_last)
+    seg, cls, labels = [], [], []
+    for start in range(0, len(items), 16):
+        batch = [preprocessing(item) for item in items[start : start + 16]]
+        images = torch.stack([b["image"].as_tensor() for b in batch]).contiguous(memory_format=torch.channels_last)
+        views = [images, images.flip(2)] if tta else [images]
+        seg_sum, cls_sum = 0.0, 0.0
+        for index, view in enumerate(views):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = network(view)
+            seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0]
+            seg_sum = seg_sum + (seg_prob.flip(1) if index == 1 else seg_prob)
+            cls_sum = cls_sum + torch.softmax(out["cls"].float(), dim=1)
+        seg.append(seg_sum / len(views))
+        cls.append(cls_sum / len(views))
+        labels += [b["label"].as_tensor()[0] for b in batch]
+    return {"seg": torch.cat(seg).numpy(), "cls": torch.cat(cls).numpy(), "label": torch.stack(labels).numpy()}
+
+
+def score(outputs: dict[str, np.ndarray], normal_threshold: float | None = None) -> dict[str, float]:
+    """Validation scores of predicted probabilities (see the module docstring).
+
+    Args:
+        outputs: from :func:`predict_split`.
+        normal_threshold: empty the label map where ``p(normal)`` exceeds this; ``None``: where normal is the
+            arg-max class (the shipped rule).
+    """
+    from scripts.metrics import classification_metrics, lesion_dice_iou
+
+    lesion = outputs["seg"] > 0.5
+    label = outputs["label"]
+    probs = outputs["cls"]
+    labels = label.reshape(len(label), -1).max(axis=1)
+    normal = probs.argmax(1) == 0 if normal_threshold is None else probs[:, 0] > normal_threshold
+    shipped = lesion & ~normal[:, None, None]
+    has = labels > 0
+    dice_seg = [lesion_dice_iou(p, y)[0] for p, y in zip(lesion[has], label[has])]
+    dice_iou = [lesion_dice_iou(p, y) for p, y in zip(shipped[has], label[has])]
+    metrics = classification_metrics(probs, None, labels)
+    return {
+        "dice_seg": float(np.mean(dice_seg)),
+        "dice": float(np.mean([d for d, _ in dice_iou])),
+        "iou": float(np.mean([i for _, i in dice_iou])),
+        "normal_fp": float(shipped[~has].reshape((~has).sum(), -1).any(axis=1).mean()),
+        "accuracy": metrics["accuracy"],
+        "macro_f1": metrics["macro_f1"],
+        "macro_auc": metrics["macro_auc"],
+    }
+
+
+def _train_command(dataset_dir: str, run_dir: Path, overrides: dict, seed: int) -> list[str]:
+    args_file = run_dir / "overrides.json"
+    args_file.write_text(json.dumps({**_resolve(overrides), "seed": seed}))
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(TRAIN_CONFIG),
+        "--bundle_root", str(BUNDLE), "--dataset_dir", dataset_dir, "--ckpt_dir", str(run_dir / "models"),
+        "--output_dir", str(run_dir / "eval"), "--args_file", str(args_file),
+    ]  # fmt: skip
+
+
+def run(
+    dataset_dir: str,
+    out: str = "runs/ablation",
+    image_size: int = 128,
+    epochs: int = 20,
+    seeds: int = 2,
+    parallel: int = 2,
+    only: str | None = None,
+) -> None:
+    """Train every variant (``SEEDED`` ones with ``seeds`` seeds, the rest with seed 0), then score them.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        out: output folder; a finished variant (``scores.json`` present) is not run again.
+        image_size: training and scoring size (square).
+        epochs: training epochs of every variant.
+        seeds: seeds of the variants in ``SEEDED``.
+        parallel: trainings at a time, each with one OpenMP thread.
+        only: comma-separated variant names to run.
+    """
+    budget = _budget(image_size, epochs)
+    jobs = []
+    for name, overrides in VARIANTS.items():
+        if only and name not in only.split(","):
+            continue
+        for seed in range(seeds if name in SEEDED else 1):
+            run_dir = Path(out) / f"{name}_seed{seed}"
+            if not (run_dir / "scores.json").is_file():
+                jobs.append((name, seed, run_dir, {**budget, **overrides}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list = []
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            name, seed, run_dir, overrides = jobs.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir / "train.log", "w")
+            command = _train_command(dataset_dir, run_dir, overrides, seed)
+            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
+                            time.perf_counter(), name, seed, run_dir, overrides, log))  # fmt: skip
+            print(f"started {run_dir.name}", flush=True)
+        time.sleep(5)
+        for job in list(running):
+            process, started, name, seed, run_dir, overrides, log = job
+            if process.poll() is None:
+                continue
+            running.remove(job)
+            log.close()
+            if process.returncode != 0:
+                print(f"{run_dir.name} failed ({process.returncode}), see {run_dir / 'train.log'}", flush=True)
+                continue
+            outputs = predict_split(dataset_dir, str(run_dir / "models" / "checkpoint.pt"), overrides)
+            result = {"variant": name, "seed": seed, "overrides": overrides, "train_s": time.perf_counter() - started,
+                      **score(outputs)}  # fmt: skip
+            (run_dir / "scores.json").write_text(json.dumps(result, indent=2))
+            print(json.dumps(result), flush=True)
+
+
+def report(out: str = "runs/ablation") -> str:
+    """Markdown table: mean (and range over seeds) of each score per variant."""
+    results: dict[str, list[dict]] = {}
+    for path in sorted(Path(out).glob("*/scores.json")):
+        result = json.loads(path.read_text())
+        results.setdefault(result["variant"], []).append(result)
+    keys = ("dice_seg", "dice", "normal_fp", "accuracy", "macro_f1", "macro_auc")
+    lines = ["| variant | seeds | " + " | ".join(keys) + " |", "| --- | ---: |" + " ---: |" * len(keys)]
+    for name in VARIANTS:
+        runs = results.get(name)
+        if not runs:
+            continue
+        cells = []
+        for key in keys:
+            values = np.array([r[key] for r in runs])
+            spread = f" ({values.min():.3f}-{values.max():.3f})" if len(runs) > 1 else ""
+            cells.append(f"{values.mean():.3f}{spread}")
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def evaluate(
+    dataset_dir: str,
+    ckpt: str = str(BUNDLE / "models" / "model.pt"),
+    split: str = "validation",
+    image_size: int = 256,
+    tta: bool = False,
+    normal_threshold: float | None = None,
+) -> dict[str, float]:
+    """Scores of one checkpoint on one split (e.g. with and without test-time flipping).
+
+    Args:
+        dataset_dir: the BUSI folder.
+        ckpt: checkpoint path.
+        split: datalist split.
+        image_size: network input size.
+        tta: average with the flipped image.
+        normal_threshold: see :func:`score`.
+    """
+    outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size]}, split, tta)
+    result = score(outputs, normal_threshold)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "report": report, "evaluate": evaluate})
