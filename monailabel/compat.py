@@ -1,12 +1,12 @@
-"""What the bundle needs to run unchanged in MONAI Label 0.8.5's stock ``monaibundle`` app.
+"""Check that a bundle has what it needs to run unchanged in MONAI Label 0.8.5's stock ``monaibundle`` app.
 
-MONAI Label's bundle tasks read the bundle's own configs and override a few keys; the three changes below make
-the bundle's behaviour right there. They belong in the bundle itself (``bundle/scripts/transforms.py``,
-``bundle/configs/inference.json``, ``bundle/configs/train.json``). Until the bundle has them,
-``prepare_app.py`` applies them to the *copy* it places in the app, says so loudly, and leaves ``bundle/``
-untouched; once the bundle has them, :py:func:`apply` changes nothing.
+MONAI Label's bundle tasks read the bundle's own configs and override a few keys; the bundle itself
+(``bundle/scripts/transforms.py``, ``bundle/configs/inference.json``, ``bundle/configs/train.json``) carries what
+makes its behaviour right there, listed below. ``prepare_app.py`` calls :py:func:`check` before it places a bundle
+in the app: a bundle that lacks any of it (an older copy, another bundle folder) is not served, and the error
+names each missing piece. Nothing is patched in: the bundle is served exactly as it is.
 
-1. Inference result (``inference.json`` postprocessing, new transform ``MonaiLabelOutputd``): MONAI Label writes
+1. Inference result (``inference.json`` postprocessing, transform ``MonaiLabelOutputd``): MONAI Label writes
    the ``pred`` key as the label file and returns the ``result`` key as the JSON of the response. Without the
    transform ``pred`` holds the 3-channel probabilities and the JSON is empty.
 2. Small label sets (``train.json`` ``train#dataloader#batch_size``): MONAI Label trains on the few images
@@ -35,88 +35,8 @@ import json
 import re
 from pathlib import Path
 
+REQUIRED_FILES = ("scripts/transforms.py", "configs/inference.json", "configs/train.json")
 TRANSFORM_NAME = "MonaiLabelOutputd"
-
-TRANSFORM_CODE = '''
-
-class MonaiLabelOutputd(MapTransform):
-    """Shape an inference result the way MONAI Label (and the viewers it serves, such as 3D Slicer) expects it.
-
-    MONAI Label's bundle inference saves ``output_key`` as the label file, in the input's format and, when the array
-    has more than two axes, with the input's geometry; it returns ``result_key`` as the JSON of the response. This
-    writes the ``(1, X, Y)`` label map as a uint8 array of the input file's own spatial shape (``(X, Y)`` for
-    PNG/JPG, ``(X, Y, 1)`` for a single-slice NIfTI/NRRD as 3D Slicer saves them) and the class with its
-    probabilities as plain JSON values. For a JPEG input it asks for a PNG label file (``result_extension``):
-    MONAI Label would otherwise save the label map in the input's lossy format. The bundle's own inference
-    workflow reads none of these keys.
-
-    Args:
-        label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
-        cls_key: key of the class probabilities ``(num_classes,)``.
-        cls_pred_key: key of the predicted class index (the arg-max of the probabilities if missing).
-        image_key: key of the input image, a MetaTensor whose ``spatial_shape`` is the file's shape.
-        output_key: key to write the label map to (MONAI Label's ``pred``).
-        result_key: key to write the JSON result to (MONAI Label's ``result``).
-        class_names: class names in index order.
-        extension_key: key of MONAI Label's label file extension, set for JPEG inputs unless already given.
-    """
-
-    lossy_suffixes = (".jpg", ".jpeg")
-
-    def __init__(
-        self,
-        label_map_key: str = "seg_pred",
-        cls_key: str = "cls",
-        cls_pred_key: str = "cls_pred",
-        image_key: str = "image",
-        output_key: str = "pred",
-        result_key: str = "result",
-        class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
-        extension_key: str = "result_extension",
-    ) -> None:
-        super().__init__(keys=[label_map_key, cls_key])
-        self.label_map_key = label_map_key
-        self.cls_key = cls_key
-        self.cls_pred_key = cls_pred_key
-        self.image_key = image_key
-        self.output_key = output_key
-        self.result_key = result_key
-        self.class_names = list(class_names)
-        self.extension_key = extension_key
-
-    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
-        d = dict(data)
-        label_map = torch.as_tensor(d[self.label_map_key]).detach().cpu()[0].to(torch.uint8).numpy()
-        image = d.get(self.image_key)
-        shape = image.meta.get("spatial_shape") if isinstance(image, MetaTensor) else None
-        shape = [int(s) for s in np.asarray(shape).reshape(-1)] if shape is not None else []
-        if len(shape) > 2 and tuple(shape[:2]) == label_map.shape:
-            label_map = label_map.reshape(label_map.shape + (1,) * (len(shape) - 2))
-        probabilities = torch.as_tensor(d[self.cls_key]).detach().float().cpu().reshape(-1).tolist()
-        predicted = int(d[self.cls_pred_key]) if self.cls_pred_key in d else int(np.argmax(probabilities))
-        source = str(image.meta.get("filename_or_obj", "")) if isinstance(image, MetaTensor) else ""
-        if source.lower().endswith(self.lossy_suffixes) and not d.get(self.extension_key):
-            d[self.extension_key] = ".png"
-        d[self.output_key] = np.ascontiguousarray(label_map)
-        d[self.result_key] = {
-            "class": self.class_names[predicted],
-            "class_index": predicted,
-            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
-            "lesion_pixels": int((label_map > 0).sum()),
-        }
-        return d
-'''
-
-POSTPROCESSING_ENTRY = {
-    "_target_": f"scripts.transforms.{TRANSFORM_NAME}",
-    "label_map_key": "seg_pred",
-    "cls_key": "cls",
-    "cls_pred_key": "cls_pred",
-    "image_key": "image",
-    "output_key": "pred",
-    "result_key": "result",
-    "class_names": "@class_names",
-}
 
 TRAIN_BATCH_SIZE = "$min(@batch_size, len(@train#dataset))"
 WARMUP_STEPS = "$min(3, @train#trainer#max_epochs // 4)"
@@ -131,17 +51,17 @@ COMMON_META_ENTRY = {
 }
 
 
+class BundleNotReadyError(RuntimeError):
+    """The bundle lacks something MONAI Label needs (see the module docstring)."""
+
+
 def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _dump(path: Path, config: dict) -> None:
-    path.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
-
-
-def _has_transform_class(bundle: Path) -> bool:
-    transforms = (bundle / "scripts" / "transforms.py").read_text(encoding="utf-8")
-    return re.search(rf"^class {TRANSFORM_NAME}\b", transforms, re.MULTILINE) is not None
+def _has_transform_class(transforms: Path) -> bool:
+    code = transforms.read_text(encoding="utf-8")
+    return re.search(rf"^class {TRANSFORM_NAME}\b", code, re.MULTILINE) is not None
 
 
 def _has_output_entry(inference: dict) -> bool:
@@ -158,14 +78,29 @@ def _lazy_datalists(train: dict) -> bool:
 
 
 def missing(bundle: str | Path) -> list[str]:
-    """The changes of this module that the bundle at ``bundle`` lacks (empty: ready for MONAI Label)."""
+    """What of this module's list the bundle at ``bundle`` lacks.
+
+    Args:
+        bundle: the bundle folder (with ``configs/`` and ``scripts/``).
+
+    Returns:
+        One line per missing piece, ``"<file>: <what>"``; empty when the bundle is ready for MONAI Label.
+    """
     bundle = Path(bundle)
+    absent = [name for name in REQUIRED_FILES if not (bundle / name).is_file()]
+    needed = [f"{name}: file not found" for name in absent]
+    transforms, inference, train = REQUIRED_FILES
+    if transforms not in absent and not _has_transform_class(bundle / transforms):
+        needed.append(f"{transforms}: class {TRANSFORM_NAME}")
+    if inference not in absent and not _has_output_entry(_load(bundle / inference)):
+        needed.append(f"{inference}: postprocessing ends with {TRANSFORM_NAME}")
+    if train not in absent:
+        needed += _missing_in_train(_load(bundle / train))
+    return needed
+
+
+def _missing_in_train(train: dict) -> list[str]:
     needed = []
-    if not _has_transform_class(bundle):
-        needed.append(f"scripts/transforms.py: class {TRANSFORM_NAME}")
-    if not _has_output_entry(_load(bundle / "configs" / "inference.json")):
-        needed.append(f"configs/inference.json: postprocessing ends with {TRANSFORM_NAME}")
-    train = _load(bundle / "configs" / "train.json")
     if train.get("train", {}).get("dataloader", {}).get("batch_size") != TRAIN_BATCH_SIZE:
         needed.append(f'configs/train.json: train#dataloader#batch_size = "{TRAIN_BATCH_SIZE}"')
     scheduler = train.get("lr_scheduler", {})
@@ -183,35 +118,18 @@ def missing(bundle: str | Path) -> list[str]:
     return needed
 
 
-def apply(bundle: str | Path) -> list[str]:
-    """Apply the missing changes to the bundle copy at ``bundle`` (never to the repository's ``bundle/``).
+def check(bundle: str | Path) -> None:
+    """Fail unless the bundle at ``bundle`` has everything MONAI Label needs; never changes the bundle.
 
-    Returns:
-        The changes applied (empty when the bundle already had them all).
+    Args:
+        bundle: the bundle folder to be served.
+
+    Raises:
+        BundleNotReadyError: naming each missing piece (see :py:func:`missing`).
     """
-    bundle = Path(bundle)
     needed = missing(bundle)
-    if not needed:
-        return []
-    if not _has_transform_class(bundle):
-        path = bundle / "scripts" / "transforms.py"
-        path.write_text(path.read_text(encoding="utf-8").rstrip("\n") + "\n" + TRANSFORM_CODE, encoding="utf-8")
-    inference_path = bundle / "configs" / "inference.json"
-    inference = _load(inference_path)
-    if not _has_output_entry(inference):
-        inference["postprocessing"]["transforms"].append(dict(POSTPROCESSING_ENTRY))
-        _dump(inference_path, inference)
-    train_path = bundle / "configs" / "train.json"
-    train = _load(train_path)
-    train["train"]["dataloader"]["batch_size"] = TRAIN_BATCH_SIZE
-    train["lr_scheduler"]["warmup_steps"] = WARMUP_STEPS
-    train["lr_scheduler"]["t_total"] = T_TOTAL
-    for section, data in LAZY_DATALISTS.items():
-        train[section]["datalist"]["_mode_"] = "callable"
-        train[section]["dataset"]["data"] = data
-    if "training" in train:
-        train["training"] = TRAINING_ALIAS
-    if COMMON_META_ENTRY not in train["deterministic_transforms"]:
-        train["deterministic_transforms"].append(dict(COMMON_META_ENTRY))
-    _dump(train_path, train)
-    return needed
+    if needed:
+        raise BundleNotReadyError(
+            f"the bundle at {bundle} lacks what MONAI Label 0.8.5's monaibundle app needs "
+            "(see monailabel/compat.py; update it from this repository's bundle/):\n  - " + "\n  - ".join(needed)
+        )

@@ -10,6 +10,8 @@ result label files are kept in the plan's ``out_dir``. Steps, in order:
 1. ``info`` and ``datastore`` (what the module shows after *Connect*);
 2. ``upload``: images sent by the viewer (``upload_image``, as *Upload volume* does with a volume saved by Slicer);
 3. ``infer_before``: auto-segmentation of each image id (``infer``, as the *Auto Segmentation* button does);
+   ``infer_slicer``: the same with the parameters the Slicer module adds to every request (``SLICER_INFER_PARAMS``:
+   an 8-bit NRRD label file whatever the image format);
 4. ``labels``: corrected label maps saved (``save_label``, as *Submit Label* does);
 5. ``train``: a training run with the trainer's own option values, as the *Train* button sends them, except the
    ones the plan overrides; the client polls ``train_status`` until it ends (``train_timeout`` seconds);
@@ -27,6 +29,9 @@ from pathlib import Path
 
 from monailabel.client import MONAILabelClient
 
+# what MONAILabelLogic.infer of the Slicer module (MONAILabel.py) sets on every inference request
+SLICER_INFER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+
 
 def slicer_params(config: dict, overrides: dict) -> dict:
     """Option values as the Slicer module sends them: the first entry of a list of choices, the value otherwise."""
@@ -35,17 +40,20 @@ def slicer_params(config: dict, overrides: dict) -> dict:
     return params
 
 
-def infer_all(client: MONAILabelClient, model: str, image_ids: list[str], out_dir: Path, tag: str) -> dict:
+def infer_all(
+    client: MONAILabelClient, model: str, image_ids: list[str], out_dir: Path, tag: str, params: dict | None = None
+) -> dict:
+    """Infer each image id with the request ``params``; keep the label files in ``out_dir`` as ``<tag>_<id>.<ext>``."""
     results = {}
     for image_id in image_ids:
         start = time.perf_counter()
-        path, params = client.infer(model, image_id, {})
+        path, params_out = client.infer(model, image_id, dict(params or {}))
         seconds = time.perf_counter() - start
         kept = None
         if path:
             kept = out_dir / f"{tag}_{image_id}{''.join(Path(path).suffixes)}"
             shutil.move(path, kept)
-        results[image_id] = {"file": str(kept) if kept else None, "json": params, "seconds": round(seconds, 3)}
+        results[image_id] = {"file": str(kept) if kept else None, "json": params_out, "seconds": round(seconds, 3)}
     return results
 
 
@@ -58,6 +66,9 @@ def run(plan: dict) -> dict:
     report["datastore_ids"] = sorted(client.datastore().get("objects", {}))
     report["upload"] = [client.upload_image(item["file"], item["id"]) for item in plan.get("upload", [])]
     report["infer_before"] = infer_all(client, model, plan["infer_before"], out_dir, "before")
+    report["infer_slicer"] = infer_all(
+        client, model, plan.get("infer_slicer", []), out_dir, "slicer", params=SLICER_INFER_PARAMS
+    )
     report["labels"] = [
         client.save_label(item["id"], item["file"], params={"label_info": item.get("label_info", [])})
         for item in plan.get("labels", [])

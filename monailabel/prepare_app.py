@@ -4,18 +4,19 @@ Run with the MONAI Label environment's Python (``monailabel/setup_env.sh`` creat
 
     .venv-monailabel/bin/python monailabel/prepare_app.py --app runs/monailabel/monaibundle
 
-1. The sample app comes from the MONAI Label package itself (``monailabel apps --download --name monaibundle``
+1. The bundle is checked for what MONAI Label needs (``compat.py``); if it lacks any of it, the script stops with
+   an error naming each missing piece, before it changes anything. The bundle is served as it is, never patched.
+2. The sample app comes from the MONAI Label package itself (``monailabel apps --download --name monaibundle``
    copies it from the installed ``sample-apps`` folder; no network).
-2. ``bundle/`` is copied to ``<app>/model/breast_ultrasound_segmentation_classification`` (the folder name gives
+3. ``bundle/`` is copied to ``<app>/model/breast_ultrasound_segmentation_classification`` (the folder name gives
    MONAI Label the task type, *segmentation*), without run outputs (``eval``, ``logs``, ``cache``, ``data``, saved
    split files). Weights: ``bundle/models/model.pt`` when present, else a freshly initialised network written to
    the copy only.
-3. An existing copy keeps its ``models/`` (weights fine-tuned through MONAI Label survive a restart), except
+4. An existing copy keeps its ``models/`` (weights fine-tuned through MONAI Label survive a restart), except
    initialised weights never trained, which ``bundle/models/model.pt`` replaces once it exists; configs and
    scripts are refreshed from ``bundle/``. ``--fresh`` replaces the copy whole.
-4. Changes the bundle still needs for MONAI Label (``compat.py``) are applied to the copy, with a warning.
 
-Prints one JSON line: the app folder, the bundle copy, where the weights came from and the changes applied.
+Prints one JSON line: the app folder, the bundle copy and where the weights came from.
 """
 
 from __future__ import annotations
@@ -91,8 +92,14 @@ def initialise_weights(bundle: Path, seed: int = 0) -> None:
         sys.path.remove(str(bundle))
 
 
-def prepare(app: Path, bundle_source: Path, fresh: bool = False, apply_compat: bool = True) -> dict:
-    """Set up ``app`` with the bundle; see the module docstring."""
+def prepare(app: Path, bundle_source: Path, fresh: bool = False, check_bundle: bool = True) -> dict:
+    """Set up ``app`` with the bundle; see the module docstring.
+
+    Raises:
+        compat.BundleNotReadyError: when ``check_bundle`` and the bundle lacks what MONAI Label needs.
+    """
+    if check_bundle:
+        compat.check(bundle_source)
     app = app.resolve()
     copy_sample_app(app)
     target = app / "model" / BUNDLE_NAME
@@ -111,13 +118,7 @@ def prepare(app: Path, bundle_source: Path, fresh: bool = False, apply_compat: b
             initialise_weights(target)
             marker.write_text(digest(model) + "\n")
             weights = "freshly initialised (bundle/models/model.pt is missing)"
-    applied = compat.apply(target) if apply_compat else []
-    if applied:
-        logger.warning(
-            "bundle/ lacks changes that MONAI Label needs; applied to the copy only (see monailabel/compat.py): %s",
-            "; ".join(applied),
-        )
-    return {"app": str(app), "bundle": str(target), "weights": weights, "compat_applied": applied}
+    return {"app": str(app), "bundle": str(target), "weights": weights}
 
 
 def main() -> None:
@@ -125,11 +126,18 @@ def main() -> None:
     parser.add_argument("--app", default=str(REPO_ROOT / "runs" / "monailabel" / "monaibundle"), help="app folder")
     parser.add_argument("--bundle", default=str(REPO_ROOT / "bundle"), help="bundle to place in the app")
     parser.add_argument("--fresh", action="store_true", help="replace an existing copy, weights included")
-    parser.add_argument("--no-compat", action="store_true", help="place the bundle exactly as it is")
+    parser.add_argument(
+        "--no-check", action="store_true", help="place the bundle even if it lacks what MONAI Label needs (compat.py)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[prepare_app] %(levelname)s %(message)s")
     os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
-    print(json.dumps(prepare(Path(args.app), Path(args.bundle), args.fresh, not args.no_compat)))
+    try:
+        result = prepare(Path(args.app), Path(args.bundle), args.fresh, not args.no_check)
+    except compat.BundleNotReadyError as error:
+        logger.error("%s", error)
+        sys.exit(1)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

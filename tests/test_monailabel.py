@@ -8,8 +8,9 @@ cannot be created because the package registry is unreachable.
 One module-scoped session starts the real server with the documented command (``monailabel/start.sh``) on
 127.0.0.1 and a free port, on generated studies (PNG, RGB PNG, JPG, single-slice NRRD, plus a single-slice NIfTI
 uploaded through the client), and runs ``monailabel/e2e_client.py`` in the server's environment: MONAI Label's own
-Python client (``monailabel.client.MONAILabelClient``, the one the Slicer module uses) calls info, infer, save
-label, train (one epoch) and infer again. The tests below check what came back; the server is always stopped.
+Python client (``monailabel.client.MONAILabelClient``, the one the Slicer module uses) calls info, infer (also with
+the parameters the Slicer module adds: an 8-bit NRRD result), save label, train (one epoch) and infer again. The
+tests below check what came back; the server is always stopped.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import itk
@@ -39,6 +39,8 @@ VENV = Path(os.environ.get("MONAILABEL_VENV", REPO_ROOT / ".venv-monailabel"))
 PYTHON = VENV / "bin" / "python"
 MODEL = "breast_ultrasound_segmentation_classification"
 CLASS_NAMES = ("normal", "benign", "malignant")
+SEGMENT_NAMES = ["benign", "malignant"]  # label values 1 and 2
+SLICER_PLUGIN = VENV / "monailabel" / "plugins" / "slicer" / "MONAILabel"  # the module's code, as installed
 EX_UNREACHABLE = 75  # monailabel/setup_env.sh: the package registry cannot be reached
 SETUP_TIMEOUT = 1800
 SERVER_START_TIMEOUT = 300
@@ -197,6 +199,7 @@ def session(monailabel_env, tmp_path_factory):
             "out_dir": str(work / "results"),
             "upload": [{"id": "normal_2", "file": str(studies["normal_2"]["image"])}],
             "infer_before": list(by_id),
+            "infer_slicer": list(by_id),
             "labels": [
                 {
                     "id": image_id,
@@ -289,6 +292,36 @@ def check_result(case: dict, result: dict) -> np.ndarray:
     return label
 
 
+def configured_label_colors() -> dict:
+    """``label_colors`` of the bundle's ``MonaiLabelOutputd`` (``inference.json``), as the server must send them."""
+    inference = json.loads((REPO_ROOT / "bundle" / "configs" / "inference.json").read_text())
+    (entry,) = [t for t in inference["postprocessing"]["transforms"] if t["_target_"].endswith("MonaiLabelOutputd")]
+    return entry["label_colors"]
+
+
+def check_slicer_result(case: dict, result: dict) -> None:
+    """A result for the Slicer module's parameters: an 8-bit NRRD label map at the image's size, 2D for PNG/JPG."""
+    params = result["json"]
+    path = Path(result["file"])
+    assert path.is_file() and path.suffix == ".nrrd", result
+    label_image = itk.imread(str(path))
+    label = itk.array_from_image(label_image)
+    assert label.dtype == np.uint8
+    if case["format"] in ("png", "jpg"):  # a 2D label map, as Slicer loads it over the 2D image
+        assert label_image.GetImageDimension() == 2, label.shape
+        with Image.open(case["image"]) as image_file:
+            assert tuple(itk.size(label_image)) == image_file.size
+    else:  # single-slice volumes keep their slice axis and geometry
+        source = itk.imread(str(case["image"]))
+        assert tuple(itk.size(label_image)) == tuple(itk.size(source)), "label size differs from the image"
+        np.testing.assert_allclose(label_image.GetSpacing(), source.GetSpacing(), atol=1e-6)
+        np.testing.assert_allclose(label_image.GetOrigin(), source.GetOrigin(), atol=1e-6)
+    values = set(np.unique(label).tolist())
+    assert values <= {0, 1, 2}
+    assert values <= {0, params["class_index"]}, f"label values {values} disagree with class {params['class']}"
+    assert params["lesion_pixels"] == int((label > 0).sum())
+
+
 def test_info_names_the_model_and_its_segments(session):
     report = session["report"]
     info = report["info"]
@@ -299,20 +332,68 @@ def test_info_names_the_model_and_its_segments(session):
     assert MODEL in info["trainers"]
     assert set(session["studies"]) - {"normal_2"} <= set(report["datastore_ids"])
     assert report["upload"] and report["upload"][0]["image"] == "normal_2"
-    compat = load_compat()
-    missing = compat.missing(REPO_ROOT / "bundle")
-    if missing:  # the bundle copy got them (prepare_app.py); say so in the test summary, never silently
-        warnings.warn(
-            "bundle/ still lacks MONAI Label changes, applied to the served copy only: " + "; ".join(missing),
-            stacklevel=1,
-        )
-    assert not compat.missing(session["bundle_copy"])
+    compat = load_compat()  # prepare_app.py refuses a bundle that lacks any of it; nothing is patched in
+    assert compat.missing(REPO_ROOT / "bundle") == []
+    assert compat.missing(session["bundle_copy"]) == []
 
 
 @pytest.mark.parametrize("image_id", ["normal_1", "benign_1", "malignant_1", "benign_2", "malignant_2", "normal_2"])
 def test_inference_returns_a_label_map_at_the_image_geometry_and_the_class(session, image_id):
     case = session["studies"][image_id]
     check_result(case, session["report"]["infer_before"][image_id])
+
+
+@pytest.mark.parametrize("image_id", ["normal_1", "benign_1", "malignant_1", "benign_2", "malignant_2", "normal_2"])
+def test_inference_with_the_slicer_modules_parameters_returns_an_8bit_nrrd(session, image_id):
+    """Slicer always asks for ``.nrrd`` and ``uint8``: PNG/JPG images get a 2D NRRD label map."""
+    report = session["report"]
+    case = session["studies"][image_id]
+    check_slicer_result(case, report["infer_slicer"][image_id])
+    # same weights and image as infer_before: the same prediction, whatever the file format
+    before, slicer = report["infer_before"][image_id]["json"], report["infer_slicer"][image_id]["json"]
+    assert slicer["class"] == before["class"]
+    for name in CLASS_NAMES:
+        assert abs(slicer["probabilities"][name] - before["probabilities"][name]) < 1e-3, (name, slicer, before)
+
+
+def test_result_json_names_and_colours_the_segments(session):
+    """What the Slicer module reads: segment names by label value (as /info says), and the bundle's colours."""
+    report = session["report"]
+    info = report["info"]
+    colours = configured_label_colors()
+    assert colours == {"benign": [0, 200, 0], "malignant": [230, 0, 0]}
+    results = {
+        f"{step} {image_id}": result
+        for step in ("infer_before", "infer_slicer", "infer_after")
+        for image_id, result in report.get(step, {}).items()
+    }
+    assert results
+    for name, result in results.items():
+        label_names = result["json"]["label_names"]
+        # the module names the segments of the label map in label-value order (onClickSegmentation)
+        by_value = [segment for segment, _ in sorted(label_names.items(), key=lambda item: item[1])]
+        assert by_value == SEGMENT_NAMES == info["labels"], name
+        assert label_names == info["models"][MODEL]["labels"], name
+        assert result["json"]["label_colors"] == colours, name
+
+
+def test_slicer_module_has_no_colours_for_the_segment_names(monailabel_env):
+    """The guide says: the module colours segments only from its anatomy table, which has no benign/malignant."""
+    table_file = SLICER_PLUGIN / "MONAILabelLib" / "labelcolors.py"
+    if not table_file.is_file():
+        pytest.skip(f"the Slicer module's colour table is not installed: {table_file}")
+    spec = importlib.util.spec_from_file_location("monailabel_slicer_labelcolors", table_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = module.GenericAnatomyColors
+    assert table, "empty colour table"
+    for name in SEGMENT_NAMES:
+        assert name not in table, f"Slicer now has a colour for '{name}': update bundle/docs/monailabel_slicer.md"
+    module_file = SLICER_PLUGIN / "MONAILabel.py"
+    if module_file.is_file():
+        code = module_file.read_text(errors="replace")
+        assert "GenericAnatomyColors.get(name.lower())" in code, "the module looks colours up differently now"
+        assert "label_colors" not in code, "the module reads label_colors now: update bundle/docs/monailabel_slicer.md"
 
 
 def test_training_from_saved_labels_updates_the_served_weights(session):

@@ -1,8 +1,9 @@
-"""The bundle changes MONAI Label needs (``monailabel/compat.py``), checked without a server in the core environment.
+"""What MONAI Label needs from the bundle (``monailabel/compat.py``), checked without a server in the core environment.
 
-``tests/test_monailabel.py`` runs them end to end in MONAI Label; these tests are fast and run even where the MONAI
-Label environment cannot be made: the copy is made ready and left alone the second time, ``bundle/`` itself is
-never touched, and the output transform gives MONAI Label the shapes, dtype, file extension and JSON it needs.
+``tests/test_monailabel.py`` runs the bundle end to end in MONAI Label; these tests are fast and run even where the
+MONAI Label environment cannot be made: the repository's bundle has everything, a bundle that lacks something is
+refused with each missing piece named and is never changed, and the output transform gives MONAI Label the shapes,
+dtype, file extension and JSON (segment colours included) it needs.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +20,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+
+from scripts.io import LESION_COLOURS_BGR
+from scripts.transforms import MonaiLabelOutputd
 
 from .conftest import BUNDLE_ROOT, REPO_ROOT
 
@@ -39,6 +44,17 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def output_entry(inference: dict) -> dict:
+    """The ``MonaiLabelOutputd`` entry of ``inference.json``'s postprocessing."""
+    entries = [t for t in inference["postprocessing"]["transforms"] if t["_target_"].endswith(compat.TRANSFORM_NAME)]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
 @pytest.fixture
 def bundle_copy(tmp_path) -> Path:
     copy = tmp_path / "bundle"
@@ -46,39 +62,52 @@ def bundle_copy(tmp_path) -> Path:
     return copy
 
 
-def output_transform():
-    """The bundle's ``MonaiLabelOutputd`` once it has it, else the code ``compat.py`` adds to the served copy."""
-    import scripts.transforms as transforms
-
-    if hasattr(transforms, compat.TRANSFORM_NAME):
-        return getattr(transforms, compat.TRANSFORM_NAME)
-    namespace = dict(vars(transforms))
-    exec(compat.TRANSFORM_CODE, namespace)  # noqa: S102 - our own code, as it is appended to the copy
-    return namespace[compat.TRANSFORM_NAME]
+def test_the_repository_bundle_has_everything_monailabel_needs():
+    assert compat.missing(BUNDLE_ROOT) == []
+    compat.check(BUNDLE_ROOT)
 
 
-def test_apply_readies_the_copy_once_and_leaves_bundle_alone(bundle_copy):
-    before = tree_digest(BUNDLE_ROOT / "configs") + tree_digest(BUNDLE_ROOT / "scripts")
-    applied = compat.apply(bundle_copy)
-    assert applied == compat.missing(BUNDLE_ROOT)
-    assert compat.missing(bundle_copy) == []
-    assert compat.apply(bundle_copy) == []  # a second start changes nothing
-    assert tree_digest(BUNDLE_ROOT / "configs") + tree_digest(BUNDLE_ROOT / "scripts") == before
-    for name in ("train.json", "inference.json"):
-        json.loads((bundle_copy / "configs" / name).read_text())
-    compile((bundle_copy / "scripts" / "transforms.py").read_text(), "transforms.py", "exec")
+def test_a_bundle_that_lacks_something_is_refused_and_left_alone(bundle_copy):
+    transforms = bundle_copy / "scripts" / "transforms.py"
+    code = transforms.read_text()
+    transforms.write_text(re.sub(rf"^class {compat.TRANSFORM_NAME}\b", "class OldOutputd", code, flags=re.MULTILINE))
+    inference_path = bundle_copy / "configs" / "inference.json"
+    inference = load_json(inference_path)
+    inference["postprocessing"]["transforms"].remove(output_entry(inference))
+    inference_path.write_text(json.dumps(inference, indent=4))
+    train_path = bundle_copy / "configs" / "train.json"
+    train = load_json(train_path)
+    train["train"]["dataloader"]["batch_size"] = "@batch_size"
+    train_path.write_text(json.dumps(train, indent=4))
+    before = tree_digest(bundle_copy)
+    needed = compat.missing(bundle_copy)
+    assert needed == [
+        f"scripts/transforms.py: class {compat.TRANSFORM_NAME}",
+        f"configs/inference.json: postprocessing ends with {compat.TRANSFORM_NAME}",
+        f'configs/train.json: train#dataloader#batch_size = "{compat.TRAIN_BATCH_SIZE}"',
+    ]
+    with pytest.raises(compat.BundleNotReadyError) as error:
+        compat.check(bundle_copy)
+    for line in needed:
+        assert line in str(error.value)
+    assert tree_digest(bundle_copy) == before, "the check must never patch the bundle"
+    assert not hasattr(compat, "apply"), "compat.py checks only; nothing may be patched into a served bundle"
 
 
-def test_datalists_are_not_read_unless_a_dataset_uses_them(bundle_copy, tmp_path):
+def test_a_missing_config_file_is_named(bundle_copy):
+    (bundle_copy / "configs" / "train.json").unlink()
+    assert compat.missing(bundle_copy) == ["configs/train.json: file not found"]
+
+
+def test_datalists_are_not_read_unless_a_dataset_uses_them(tmp_path):
     """Slicer's Train button sends run_id "": MONAI builds every config item, the BUSI datalists included."""
-    compat.apply(bundle_copy)
     parser = ConfigParser()
-    parser.read_config(str(bundle_copy / "configs" / "train.json"))
-    parser.update({"bundle_root": str(bundle_copy), "dataset_dir": str(tmp_path / "no such folder")})
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLE_ROOT), "dataset_dir": str(tmp_path / "no such folder")})
     for section in ("train", "validate"):
         datalist = parser.get_parsed_content(f"{section}#datalist")
         assert callable(datalist)  # nothing was read: the missing folder would have raised
-    train = json.loads((bundle_copy / "configs" / "train.json").read_text())
+    train = load_json(BUNDLE_ROOT / "configs" / "train.json")
     assert train["training"] == "@run", "`training` must refer to `run`, not copy it (it would train twice)"
 
 
@@ -92,7 +121,7 @@ def test_datalists_are_not_read_unless_a_dataset_uses_them(bundle_copy, tmp_path
     ],
 )
 def test_output_has_the_file_shape_uint8_and_the_class_json(filename, spatial_shape, expected_shape, extension):
-    transform = output_transform()(class_names=["normal", "benign", "malignant"])
+    transform = MonaiLabelOutputd(class_names=["normal", "benign", "malignant"])
     meta = {"spatial_shape": np.array(spatial_shape), "filename_or_obj": filename}
     image = MetaTensor(torch.zeros(1, 16, 16), meta=meta)
     label_map = torch.zeros(1, 40, 30, dtype=torch.uint8)
@@ -111,9 +140,48 @@ def test_output_has_the_file_shape_uint8_and_the_class_json(filename, spatial_sh
 
 
 def test_output_keeps_an_extension_the_request_asked_for():
-    transform = output_transform()()
+    transform = MonaiLabelOutputd()
     image = MetaTensor(torch.zeros(1, 4, 4), meta={"spatial_shape": np.array((4, 4)), "filename_or_obj": "a.jpeg"})
     data = {"image": image, "seg_pred": torch.zeros(1, 4, 4), "cls": torch.tensor([0.8, 0.1, 0.1])}
     out = transform({**data, "result_extension": ".nii.gz"})
     assert out["result_extension"] == ".nii.gz"
     assert out["result"]["class"] == "normal" and out["pred"].shape == (4, 4)
+
+
+def test_output_json_carries_the_segment_colours_when_given():
+    colours = {"benign": (0, 200, 0), "malignant": [230, 0, 0]}
+    transform = MonaiLabelOutputd(label_colors=colours)
+    image = MetaTensor(torch.zeros(1, 4, 4), meta={"spatial_shape": np.array((4, 4)), "filename_or_obj": "a.png"})
+    data = {"image": image, "seg_pred": torch.zeros(1, 4, 4), "cls": torch.tensor([0.1, 0.8, 0.1])}
+    result = transform(data)["result"]
+    assert result["label_colors"] == {"benign": [0, 200, 0], "malignant": [230, 0, 0]}
+    assert json.loads(json.dumps(result)) == result  # plain JSON values only
+    result["label_colors"]["benign"][0] = 255  # a caller changing one result leaves the next one alone
+    assert transform(data)["result"]["label_colors"]["benign"] == [0, 200, 0]
+    assert "label_colors" not in MonaiLabelOutputd()(data)["result"]
+
+
+@pytest.mark.parametrize(
+    "colours, message",
+    [
+        ({"lesion": [0, 200, 0]}, "not a class name"),
+        ({"benign": [0, 200]}, "3 integers"),
+        ({"benign": [0, 256, 0]}, "3 integers"),
+        ({"benign": [0.0, 0.8, 0.0]}, "3 integers"),
+    ],
+)
+def test_output_rejects_bad_colours(colours, message):
+    with pytest.raises(ValueError, match=message):
+        MonaiLabelOutputd(label_colors=colours)
+
+
+def test_served_colours_are_the_overlay_colours_of_every_segment():
+    """``inference.json`` sends, in RGB, the colours ``scripts.io`` draws overlays with (BGR), for each segment."""
+    inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
+    segments = load_json(BUNDLE_ROOT / "configs" / "metadata.json")["network_data_format"]["outputs"]["pred"]
+    names = {int(value): name for value, name in segments["channel_def"].items() if int(value) > 0}
+    colours = output_entry(inference)["label_colors"]
+    assert set(colours) == set(names.values()) == {"benign", "malignant"}
+    for value, name in names.items():
+        assert colours[name] == list(LESION_COLOURS_BGR[value][::-1]), name
+    assert MonaiLabelOutputd(class_names=inference["class_names"], label_colors=colours).label_colors == colours

@@ -9,7 +9,8 @@ label map that agrees with the predicted class.
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from numbers import Integral
 
 import cv2
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "LesionLabelMapd",
     "class_from_label_map",
     "ClassFromLabeld",
+    "MonaiLabelOutputd",
 ]
 
 CLASS_NAMES = ("normal", "benign", "malignant")
@@ -329,6 +331,31 @@ class ClassFromLabeld(MapTransform):
         return d
 
 
+def _rgb_colours(colours: Mapping[str, Sequence[int]], names: Sequence[str]) -> dict[str, list[int]]:
+    """Check colours by class name and return them as plain lists (JSON values).
+
+    Args:
+        colours: RGB colour of each class, three integers in 0-255.
+        names: the known class names.
+
+    Returns:
+        ``{name: [r, g, b]}`` in the order given.
+
+    Raises:
+        ValueError: for a name not in ``names`` or a colour that is not three integers in 0-255.
+    """
+    checked = {}
+    for name, colour in colours.items():
+        if name not in names:
+            raise ValueError(f"label_colors: '{name}' is not a class name {list(names)}.")
+        rgb = list(colour)
+        is_byte = [isinstance(c, Integral) and not isinstance(c, bool) and 0 <= c <= 255 for c in rgb]
+        if len(rgb) != 3 or not all(is_byte):
+            raise ValueError(f"label_colors['{name}']: expected 3 integers in 0-255 (RGB), got {rgb}.")
+        checked[name] = [int(c) for c in rgb]
+    return checked
+
+
 class MonaiLabelOutputd(MapTransform):
     """Shape an inference result the way MONAI Label (and the viewers it serves, such as 3D Slicer) expects it.
 
@@ -340,6 +367,10 @@ class MonaiLabelOutputd(MapTransform):
     MONAI Label would otherwise save the label map in the input's lossy format. The bundle's own inference
     workflow reads none of these keys.
 
+    MONAI Label adds ``label_names`` (segment name to label value) to the JSON itself; a 2D single-channel label
+    map carries no colours, and 3D Slicer's MONAI Label module colours segments only from its own anatomy colour
+    table, by name. ``label_colors`` puts the bundle's segment colours in the JSON, for clients that apply them.
+
     Args:
         label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
         cls_key: key of the class probabilities ``(num_classes,)``.
@@ -349,6 +380,11 @@ class MonaiLabelOutputd(MapTransform):
         result_key: key to write the JSON result to (MONAI Label's ``result``).
         class_names: class names in index order.
         extension_key: key of MONAI Label's label file extension, set for JPEG inputs unless already given.
+        label_colors: RGB colour (three integers 0-255) of each segment, by class name, returned in the JSON as
+            ``label_colors``; ``None`` leaves it out.
+
+    Raises:
+        ValueError: when ``label_colors`` names an unknown class or a colour is not three integers in 0-255.
     """
 
     lossy_suffixes = (".jpg", ".jpeg")
@@ -363,6 +399,7 @@ class MonaiLabelOutputd(MapTransform):
         result_key: str = "result",
         class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
         extension_key: str = "result_extension",
+        label_colors: dict[str, Sequence[int]] | None = None,
     ) -> None:
         super().__init__(keys=[label_map_key, cls_key])
         self.label_map_key = label_map_key
@@ -373,6 +410,7 @@ class MonaiLabelOutputd(MapTransform):
         self.result_key = result_key
         self.class_names = list(class_names)
         self.extension_key = extension_key
+        self.label_colors = None if label_colors is None else _rgb_colours(label_colors, self.class_names)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -394,4 +432,6 @@ class MonaiLabelOutputd(MapTransform):
             "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
             "lesion_pixels": int((label_map > 0).sum()),
         }
+        if self.label_colors is not None:
+            d[self.result_key]["label_colors"] = {name: list(rgb) for name, rgb in self.label_colors.items()}
         return d
