@@ -101,6 +101,19 @@ def busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its live descendants."""
+    total = 0.0
+    for current in _tree(pid):
+        try:
+            with open(f"/proc/{current}/stat") as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def wait_for_idle(threshold: float = 0.6, max_wait_s: float = 600) -> float:
     """Wait until the 1-minute load average falls below ``threshold`` (at most ``max_wait_s``); seconds waited."""
     start = time.perf_counter()

@@ -38,8 +38,12 @@ def loads(*records: dict) -> str:
 
 
 def epochs_counted(result: dict) -> str:
+    """Epochs in the medians (not the first; not those during which other processes were busy)."""
     n = len(result["epochs"])
-    return f"{n - 1} of {n}" if n > 1 else "1 of 1"
+    used = result["summary"].get("epochs_used")
+    text = f"{len(used)} of {n}" if used is not None else (f"{n - 1} of {n}" if n > 1 else "1 of 1")
+    contended = result["summary"].get("contended_epochs")
+    return text + (f" (left out, contended: {', '.join(map(str, contended))})" if contended else "")
 
 
 def training_section(lines: list[str], targets: list) -> None:
@@ -54,7 +58,8 @@ def training_section(lines: list[str], targets: list) -> None:
         "### Training throughput (BUSI, 256 x 256, batch 16)",
         "",
         "Images/s: training images over the time from the first to the last iteration of an epoch (median over",
-        "the epochs after the first); the parts of an epoch's training time: waiting for the data loader,",
+        "the epochs after the first, leaving out epochs during which other processes used more than 0.15 cores);",
+        "the parts of an epoch's training time: waiting for the data loader,",
         "network step (forward, loss, backward, optimizer), other (postprocessing, training metrics, handlers).",
         "Epoch: training + validation (118 images) + checkpointing. 100 epochs: cache + 100 x epoch.",
         "Memory: peak RSS of the main process / peak PSS summed over the process tree (main + data-loader workers).",
@@ -112,23 +117,67 @@ def training_section(lines: list[str], targets: list) -> None:
                             f"{ratio:.2f}x ({default['summary']['images_per_s']:.1f} vs {base_ips:.1f} images/s)",
                             ratio >= TARGET_SPEEDUP))  # fmt: skip
     fp32 = runs.get("fp32")
+    seeds = {"default_seed1": read("train_default_seed1"), "fp32_seed1": read("train_fp32_seed1")}
     if default and fp32:
         n = min(len(default["epochs"]), len(fp32["epochs"]))
-        d, f = default["epochs"][n - 1]["val_metrics"], fp32["epochs"][n - 1]["val_metrics"]
+
+        def at(result: dict | None) -> dict | None:
+            return result["epochs"][n - 1]["val_metrics"] if result and len(result["epochs"]) >= n else None
+
+        d, f, d1, f1 = at(default), at(fp32), at(seeds["default_seed1"]), at(seeds["fp32_seed1"])
+        header = "| metric | bf16 seed 0 | float32 seed 0 | bf16 - float32 (seed 0) |"
+        rule = "| --- | ---: | ---: | ---: |"
+        if d1 and f1:
+            header += " bf16 seed 1 | float32 seed 1 | bf16 - float32 (seed 1) | seed 0 - seed 1 (bf16, float32) |"
+            rule += " ---: | ---: | ---: | ---: |"
         lines += [
-            f"### bf16 vs float32: validation after {n} epochs, same seed, same data order and augmentation",
+            f"### bf16 vs float32 training: validation after {n} epochs (118 images)",
             "",
-            "| metric | bf16 + channels-last (default) | float32 (`--amp False`) | difference |",
-            "| --- | ---: | ---: | ---: |",
+            "Same seed, so the same initial weights, data order and augmentation; the only difference is the",
+            "arithmetic. Seed 1 repeats the pair, to show how far two runs differ for reasons other than precision.",
+            "",
+            header,
+            rule,
         ]
         for key in ("val_lesion_dice", "val_accuracy", "val_macro_f1", "val_score"):
-            lines.append(f"| {key} | {d[key]:.4f} | {f[key]:.4f} | {d[key] - f[key]:+.4f} |")
+            row = f"| {key} | {d[key]:.4f} | {f[key]:.4f} | {d[key] - f[key]:+.4f} |"
+            if d1 and f1:
+                row += (f" {d1[key]:.4f} | {f1[key]:.4f} | {d1[key] - f1[key]:+.4f} | "
+                        f"{d[key] - d1[key]:+.4f}, {f[key] - f1[key]:+.4f} |")  # fmt: skip
+            lines.append(row)
         lines.append("")
         for key, label in (("val_lesion_dice", "validation lesion Dice"), ("val_accuracy", "validation accuracy")):
             delta = abs(d[key] - f[key])
-            targets.append((f"{label}, bf16 vs float32 after {n} epochs", f"within {TARGET_METRIC_DELTA}",
+            targets.append((f"{label}, bf16 vs float32 training, {n} epochs, seed 0",
+                            f"within {TARGET_METRIC_DELTA}",
                             f"{d[key]:.3f} vs {f[key]:.3f} (difference {delta:.3f})",
                             delta <= TARGET_METRIC_DELTA))  # fmt: skip
+    precision = read("precision")
+    if precision:
+        splits = precision["splits"]
+        lines += [
+            "### bf16 vs float32 prediction with the same weights (the shipped `bundle/models/model.pt`)",
+            "",
+            "`evaluate.json` on each split with `--amp True --channels_last True` (default) and `--amp False "
+            "--channels_last False`.",
+            "",
+            "| split | metric | bf16 | float32 | difference |",
+            "| --- | --- | ---: | ---: | ---: |",
+        ]
+        for split in ("validation", "test"):
+            b, f = splits.get(f"{split}_bf16"), splits.get(f"{split}_fp32")
+            if not (b and f):
+                continue
+            for key in ("lesion_dice", "accuracy", "macro_f1"):
+                lines.append(f"| {split} ({b['num_images']}) | {key} | {b[key]:.4f} | {f[key]:.4f} | "
+                             f"{b[key] - f[key]:+.4f} |")  # fmt: skip
+            for key, label in (("lesion_dice", "lesion Dice"), ("accuracy", "accuracy")):
+                delta = abs(b[key] - f[key])
+                targets.append((f"{split} {label}, bf16 vs float32 prediction, same weights",
+                                f"within {TARGET_METRIC_DELTA}",
+                                f"{b[key]:.3f} vs {f[key]:.3f} (difference {delta:.3f})",
+                                delta <= TARGET_METRIC_DELTA))  # fmt: skip
+        lines.append("")
 
 
 def prediction_section(lines: list[str], targets: list) -> None:
@@ -242,16 +291,22 @@ def profile_section(lines: list[str]) -> None:
 
 def render() -> str:
     run = read("run") or {}
-    m = run.get("machine", {})
+    invocations = run.get("invocations", [run] if run else [])
+    m = invocations[0].get("machine", {}) if invocations else {}
     lines = [
         START,
         "",
-        f"Measured {run.get('started', '?')} - {run.get('finished', '?')}: {m.get('cpu', '?')}, {m.get('cores', '?')} "
-        f"cores, torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} intra-op threads), MONAI "
-        f"{m.get('monai', '?')}, Python {m.get('python', '?')}; load average at start {m.get('load', '?')}, at end "
-        f"{run.get('load_at_end', '?')}." + (" QUICK SMOKE RUN: not valid numbers." if run.get("quick") else ""),
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')} "
+        f"({m.get('torch_threads', '?')} intra-op threads), MONAI {m.get('monai', '?')}, "
+        f"Python {m.get('python', '?')}.",
         "",
     ]
+    for run in invocations:
+        lines.append(f"- `{run.get('command', 'bench/run_all.py')}`: {run.get('started', '?')} - "
+                     f"{run.get('finished', '?')}, parts {', '.join(run.get('parts', []))}"
+                     + (f" (runs {', '.join(run['runs'])})" if run.get("runs") else "")
+                     + (" QUICK SMOKE RUN: not valid numbers" if run.get("quick") else "") + ".")  # fmt: skip
+    lines.append("")
     targets: list = []
     training_section(lines, targets)
     prediction_section(lines, targets)

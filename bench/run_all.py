@@ -37,7 +37,7 @@ from common import (
 )
 
 RESULTS = BENCH_DIR / "results"
-PARTS = ("preprocess", "predict", "inference", "train")
+PARTS = ("preprocess", "predict", "inference", "train", "precision")
 
 # (name, description, mode, epochs, overrides); the first epoch of each run is not counted in the medians
 NICE_WORKERS = "$lambda worker_id: (os.nice(10), monai.data.utils.worker_init_fn(worker_id))"
@@ -47,6 +47,9 @@ TRAIN_RUNS = [
     ("default", "train.json as shipped (bf16 autocast, channels-last, cache, LeakyReLU, no conv dropout)",
      "bundle", 5, {}),
     ("fp32", "default with --amp False (float32)", "bundle", 5, {"amp": False}),
+    ("default_seed1", "default, seed 1 (run-to-run spread of the validation metrics)", "bundle", 5, {"seed": 1}),
+    ("fp32_seed1", "float32, seed 1 (run-to-run spread of the validation metrics)", "bundle", 5,
+     {"amp": False, "seed": 1}),
     ("no_channels_last", "default with --channels_last False", "bundle", 2, {"channels_last": False}),
     ("no_cache", "default with --cache_rate 0", "bundle", 2, {"cache_rate": 0}),
     ("prelu_dropout", "default with the old network (PReLU, dropout 0.1)", "bundle", 2,
@@ -149,6 +152,35 @@ def run_inference(folder: Path, checkpoint: Path, work: Path, repeats: int) -> d
     return results
 
 
+def run_precision(dataset_dir: str, datalist: list[str], work: Path) -> dict:
+    """The shipped weights evaluated with bf16 autocast and with float32, on the validation and test splits."""
+    checkpoint = BUNDLE_ROOT / "models" / "model.pt"
+    if not checkpoint.is_file():
+        print(f"precision: {checkpoint} missing, skipped")
+        return {}
+    results = {}
+    for split in ("validation", "test"):
+        for name, amp in (("bf16", "True"), ("fp32", "False")):
+            out = work / f"precision_{split}_{name}"
+            command = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+                       "['bundle/configs/train.json','bundle/configs/evaluate.json']", "--dataset_dir", dataset_dir,
+                       *datalist, "--ckpt_dir", str(checkpoint.parent), "--output_dir", str(out),
+                       "--validate#split", split, "--amp", amp, "--channels_last", amp]  # fmt: skip
+            measured = measure(command, RESULTS / "logs" / f"precision_{split}_{name}.log")
+            if measured["rc"] != 0:
+                raise RuntimeError(f"evaluation {split} {name} failed, see bench/results/logs")
+            metrics = json.loads((out / "metrics.json").read_text())
+            results[f"{split}_{name}"] = {
+                "lesion_dice": metrics["segmentation"]["lesion_dice"],
+                "accuracy": metrics["classification"]["accuracy"],
+                "macro_f1": metrics["classification"]["macro_f1"],
+                "num_images": metrics["num_images"],
+                "process": measured,
+            }
+            print(f"precision {split} {name}: {results[f'{split}_{name}']}", flush=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset_dir", required=True, help="the BUSI folder (read only)")
@@ -215,8 +247,15 @@ def main() -> None:
                 result = json.loads(out.read_text())
                 write_json(out, {**result, "name": name, "description": description, "process": measured})
                 print(f"train {name}: {result['summary']}", flush=True)
-    write_json(RESULTS / "run.json", {**info, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                                      "load_at_end": load(), "parts": args.only})  # fmt: skip
+        if "precision" in args.only:
+            results = run_precision(args.dataset_dir, datalist, work)
+            if results:
+                write_json(RESULTS / "precision.json", {"splits": results, "machine": machine()})
+    previous = json.loads((RESULTS / "run.json").read_text()).get("invocations", []) if (
+        RESULTS / "run.json").is_file() else []  # fmt: skip
+    this = {**info, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_at_end": load(), "parts": args.only,
+            "runs": args.runs, "command": " ".join(sys.argv)}  # fmt: skip
+    write_json(RESULTS / "run.json", {"invocations": previous + [this]})
     if not args.no_report:
         import report
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BUNDLE_ROOT, REPO_ROOT, machine, median, write_json
+from common import BUNDLE_ROOT, REPO_ROOT, busy_cpu_s, machine, median, tree_cpu_s, write_json
 
 
 class Timer:
@@ -61,7 +61,7 @@ class Timer:
 
     def epoch_started(self, engine) -> None:
         self.current = {"start": time.perf_counter(), "images": 0, "data_wait_s": 0.0, "network_s": 0.0,
-                        "val_s": 0.0, "steps": []}  # fmt: skip
+                        "val_s": 0.0, "steps": [], "busy": busy_cpu_s(), "own": tree_cpu_s(os.getpid())}  # fmt: skip
         self.last = self.current["start"]
 
     def batch_started(self, engine) -> None:
@@ -106,6 +106,9 @@ class Timer:
             "other_s": train_s - c["data_wait_s"] - c["network_s"],
             "val_s": c["val_s"],
             "epoch_s": now - c["start"],
+            # CPU other processes of the machine used during the epoch, in cores (0: otherwise idle)
+            "other_cores": max(0.0, (busy_cpu_s() - c["busy"]) - (tree_cpu_s(os.getpid()) - c["own"]))
+            / (now - c["start"]),
         }
         if self.validator is not None:
             entry["val_metrics"] = {k: float(v) for k, v in self.validator.state.metrics.items()}
@@ -114,11 +117,21 @@ class Timer:
         print(json.dumps({k: v for k, v in entry.items() if k != "steps"}), flush=True)
 
 
+CLEAN_OTHER_CORES = 0.15
+
+
 def summarise(epochs: list[dict]) -> dict:
-    """Medians over the epochs after the first (the first pays for worker start-up and kernel selection)."""
+    """Medians over the epochs after the first (the first pays for worker start-up and kernel selection), leaving
+    out epochs during which other processes used more than ``CLEAN_OTHER_CORES`` cores (unless all did)."""
     steady = epochs[1:] if len(epochs) > 1 else epochs
-    keys = ("images_per_s", "train_s", "epoch_s", "val_s", "data_wait_s", "network_s", "other_s", "median_step_s")
-    return {key: median([e[key] for e in steady]) for key in keys}
+    clean = [e for e in steady if e.get("other_cores", 0.0) < CLEAN_OTHER_CORES]
+    used = clean or steady
+    keys = ("images_per_s", "train_s", "epoch_s", "val_s", "data_wait_s", "network_s", "other_s", "median_step_s",
+            "other_cores")  # fmt: skip
+    summary = {key: median([e.get(key, float("nan")) for e in used]) for key in keys}
+    summary["epochs_used"] = [e["epoch"] for e in used]
+    summary["contended_epochs"] = [e["epoch"] for e in steady if e not in clean]
+    return summary
 
 
 def count_parameters(network) -> int:
