@@ -319,6 +319,29 @@ def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
     assert epochs == [] and resumed.state.epoch == 2
 
 
+def test_resuming_an_early_stopped_run_with_more_patience_trains_on(tmp_path):
+    from ignite.engine import Engine, Events
+    from monai.handlers import EarlyStopHandler
+
+    network = torch.nn.Linear(2, 1)
+
+    def run(patience: int, resume: bool) -> tuple[list[int], Engine]:
+        engine = Engine(lambda e, b: None)
+        epochs: list[int] = []
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: epochs.append(e.state.epoch))
+        # a constant score never improves: the run stops once ``patience`` epochs followed the first
+        stopper = EarlyStopHandler(patience=patience, score_function=lambda e: 0.0, trainer=engine)
+        stopper.attach(engine)
+        TrainingCheckpoint(tmp_path / "c.pt", {"model": network, "early_stop": stopper}, resume=resume).attach(engine)
+        engine.run([0, 0], max_epochs=10)
+        return epochs, engine
+
+    assert run(patience=1, resume=False)[0] == [1, 2]
+    assert run(patience=1, resume=True)[0] == []
+    epochs, engine = run(patience=3, resume=True)
+    assert epochs == [3, 4] and engine.state.epoch == 4
+
+
 # ------------------------------------------------------------------------------------------------- untrusted files
 
 

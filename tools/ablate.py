@@ -16,7 +16,8 @@ Usage::
 
     python tools/ablate.py run --dataset_dir ../shared/data/Dataset_BUSI_with_GT --out runs/ablation
     python tools/ablate.py report --out runs/ablation      # markdown table of mean and spread over seeds
-    python tools/ablate.py score --dataset_dir ... --ckpt bundle/models/model.pt --image_size 256 --tta true
+    python tools/ablate.py evaluate --dataset_dir ... --ckpt bundle/models/model.pt --image_size 256 --tta true
+    python tools/ablate.py sweep --dataset_dir ... --ckpt bundle/models/model.pt   # post-processing choices
 """
 
 from __future__ import annotations
@@ -129,26 +130,31 @@ def predict_split(
     return {"seg": torch.cat(seg).numpy(), "cls": torch.cat(cls).numpy(), "label": torch.stack(labels).numpy()}
 
 
-def score(outputs: dict[str, np.ndarray], normal_threshold: float | None = None) -> dict[str, float]:
+def score(
+    outputs: dict[str, np.ndarray], normal_threshold: float | None = None, lesion_threshold: float = 0.5
+) -> dict[str, float]:
     """Validation scores of predicted probabilities (see the module docstring).
 
     Args:
         outputs: from :func:`predict_split`.
-        normal_threshold: empty the label map where ``p(normal)`` exceeds this; ``None``: where normal is the
-            arg-max class (the shipped rule).
+        normal_threshold: call an image normal (and empty its label map) only where ``p(normal)`` exceeds this,
+            otherwise the likelier of benign and malignant; ``None``: the arg-max class.
+        lesion_threshold: a pixel is lesion where its lesion probability exceeds this.
     """
     from scripts.metrics import classification_metrics, lesion_dice_iou
 
-    lesion = outputs["seg"] > 0.5
+    lesion = outputs["seg"] > lesion_threshold
     label = outputs["label"]
     probs = outputs["cls"]
     labels = label.reshape(len(label), -1).max(axis=1)
-    normal = probs.argmax(1) == 0 if normal_threshold is None else probs[:, 0] > normal_threshold
-    shipped = lesion & ~normal[:, None, None]
+    preds = probs.argmax(1)
+    if normal_threshold is not None:
+        preds = np.where(probs[:, 0] > normal_threshold, 0, 1 + probs[:, 1:].argmax(1))
+    shipped = lesion & (preds != 0)[:, None, None]
     has = labels > 0
     dice_seg = [lesion_dice_iou(p, y)[0] for p, y in zip(lesion[has], label[has])]
     dice_iou = [lesion_dice_iou(p, y) for p, y in zip(shipped[has], label[has])]
-    metrics = classification_metrics(probs, None, labels)
+    metrics = classification_metrics(probs, preds, labels)
     return {
         "dice_seg": float(np.mean(dice_seg)),
         "dice": float(np.mean([d for d, _ in dice_iou])),
@@ -245,9 +251,7 @@ def report(out: str = "runs/ablation") -> str:
             spread = f" ({values.min():.3f}-{values.max():.3f})" if len(runs) > 1 else ""
             cells.append(f"{values.mean():.3f}{spread}")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
-    print(text)
-    return text
+    return "\n".join(lines)
 
 
 def evaluate(
@@ -274,5 +278,36 @@ def evaluate(
     return result
 
 
+def sweep(
+    dataset_dir: str,
+    ckpt: str = str(BUNDLE / "models" / "model.pt"),
+    split: str = "validation",
+    image_size: int = 256,
+) -> str:
+    """Post-processing choices of one checkpoint side by side: test-time flipping, lesion and normal thresholds.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        ckpt: checkpoint path.
+        split: datalist split (choose on ``validation``, never on ``test``).
+        image_size: network input size.
+
+    Returns:
+        A markdown table, one row per combination.
+    """
+    keys = ("dice_seg", "dice", "iou", "normal_fp", "accuracy", "macro_f1", "macro_auc")
+    lines = ["| flip TTA | lesion threshold | normal threshold | " + " | ".join(keys) + " |",
+             "| --- | ---: | ---: |" + " ---: |" * len(keys)]  # fmt: skip
+    for tta in (False, True):
+        outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size]}, split, tta)
+        for lesion_threshold in (0.4, 0.5, 0.6):
+            for normal_threshold in (None, 0.6, 0.7, 0.8):
+                result = score(outputs, normal_threshold, lesion_threshold)
+                lines.append(f"| {'yes' if tta else 'no'} | {lesion_threshold} | "
+                             f"{'arg-max' if normal_threshold is None else normal_threshold} | "
+                             + " | ".join(f"{result[k]:.3f}" for k in keys) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "report": report, "evaluate": evaluate})
+    fire.Fire({"run": run, "report": report, "evaluate": evaluate, "sweep": sweep})

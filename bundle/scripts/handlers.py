@@ -351,6 +351,12 @@ class TrainingCheckpoint:
             obj = obj.module
         return obj.state_dict()
 
+    def _would_stop_early(self) -> bool:
+        """Whether the restored early-stopping handlers would still stop (their counter reached the patience)."""
+        stoppers = [obj for obj in self.save_dict.values() if isinstance(obj, EarlyStopHandler)]
+        handlers = [obj._handler for obj in stoppers if getattr(obj, "_handler", None) is not None]
+        return not handlers or any(h.counter >= h.patience for h in handlers)
+
     def load_into(self, obj: Any, state: Any, name: str) -> None:
         """Restore one ``save_dict`` entry."""
         if isinstance(obj, Engine):
@@ -440,9 +446,15 @@ class TrainingCheckpoint:
             f"resumed from {self.path}: {epoch} epochs done, iteration {engine.state.iteration}"
             + (f", best validation score {best:.4f}" if isinstance(best, (int, float)) and best >= 0 else "")
         )
-        if checkpoint.get("stopped_early"):
-            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do.")
+        if checkpoint.get("stopped_early") and self._would_stop_early():
+            logger.info(
+                f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do (pass a larger "
+                "--early_stop_patience to train on)."
+            )
             engine.terminate()
+        elif checkpoint.get("stopped_early"):
+            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; its patience is larger now, "
+                        "so the run continues.")  # fmt: skip
         elif max_epochs is not None and epoch >= max_epochs:
             logger.info(f"resume: all {max_epochs} epochs are done; pass a larger --max_epochs to train on.")
 
