@@ -176,7 +176,11 @@ def main() -> None:
         outcomes: list[tuple[list, list, list]] = [([], [], [])] * args.threads
 
         def worker(k: int) -> None:
-            outcomes[k] = run_requests(url, ids, args.per_thread, k * 7, str(work))
+            # one result folder per client, as with separate Slicer users: the client saves each result under the
+            # file name the server sends, so clients sharing a folder can overwrite and delete each other's files
+            folder = work / f"client_{k}"
+            folder.mkdir(exist_ok=True)
+            outcomes[k] = run_requests(url, ids, args.per_thread, k * 7, str(folder))
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(args.threads)]
         start = time.perf_counter()
