@@ -117,9 +117,10 @@ def training_section(lines: list[str], targets: list) -> None:
         lines += [
             "### A complete BUSI training, timed",
             "",
-            f"`{full['command']}`: {full['epochs']} epochs in {minutes:.1f} min (first to last log line, "
-            f"{full['first_log_line']} - {full['last_log_line']}); median {full['median_trainer_epoch_s']:.1f} s "
-            f"per epoch (training + validation), validation {full['median_validation_s']:.1f} s. "
+            f"`{full['command']}`: {full['epochs']} epochs in {minutes:.1f} min (first to last line of each log, "
+            f"{len(full.get('logs', [full]))} log(s), {full['first_log_line']} - {full['last_log_line']}); "
+            f"median {full['median_trainer_epoch_s']:.1f} s per epoch (training + validation), "
+            f"validation {full['median_validation_s']:.1f} s. "
             f"{full['conditions']}",
             "",
         ]

@@ -49,6 +49,8 @@ def test_normal_threshold_keeps_confident_lesion_maps(ablate):
     assert scores["dice"] == pytest.approx(scores["dice_seg"])
     # p(normal) 0.6 of the normal image is above it: still emptied
     assert scores["normal_fp"] == 0.0
+    # ... and the malignant image is now called malignant (the likelier of benign and malignant)
+    assert scores["accuracy"] == 1.0
     assert ablate.score(_outputs(), normal_threshold=0.95)["normal_fp"] == 1.0
 
 
