@@ -3,7 +3,9 @@
 #
 #   bash monailabel/setup_env.sh            # -> .venv-monailabel (or $MONAILABEL_VENV)
 #
-# A second run with unchanged requirements returns at once (stamp file). Concurrent runs wait for each other.
+# Versions are pinned by monailabel/requirements-lock.txt (pip constraints; MONAILABEL_PIN_FILE overrides it, and
+# `bash tools/refresh_pins.sh` rewrites it). A second run with unchanged requirements and pins returns at once
+# (stamp file). Concurrent runs wait for each other.
 # Exit status: 0 ready; 75 the package registry cannot be reached (nothing installed; the test suite skips its
 # MONAI Label test on this status only); anything else: the installation failed.
 set -euo pipefail
@@ -12,7 +14,8 @@ ROOT="$(dirname "$HERE")"
 VENV="${MONAILABEL_VENV:-$ROOT/.venv-monailabel}"
 MONAILABEL_VERSION="0.8.5"
 PYTHON="${PYTHON:-python3}"
-STAMP="$VENV/.installed-$(cat "$HERE/requirements.txt" "$HERE/setup_env.sh" | sha1sum | cut -c1-12)"
+LOCK="${MONAILABEL_PIN_FILE:-$HERE/requirements-lock.txt}"
+STAMP="$VENV/.installed-$(cat "$HERE/requirements.txt" "$LOCK" "$HERE/setup_env.sh" | sha1sum | cut -c1-12)"
 EX_UNREACHABLE=75
 
 [ -f "$STAMP" ] && exit 0
@@ -52,7 +55,8 @@ pip_install() {  # pip's output goes to a log, shown (less the machine's local-i
         exit 1
     fi
 }
-pip_install -r "$HERE/requirements.txt"
+pip_install -c "$LOCK" pip
+pip_install -c "$LOCK" -r "$HERE/requirements.txt"
 pip_install --no-deps "$WHEELS"/monailabel-*.whl
 
 # 3. check that the server imports and sees its sample apps (no network needed from here on)
@@ -66,7 +70,7 @@ assert os.path.isfile(app), app
 print(f"[setup_env] monailabel {monailabel.__version__}, monai {monai.__version__}, torch {torch.__version__}, "
       f"torchvision {torchvision.__version__}, numpy {numpy.__version__}", file=sys.stderr)
 EOF
-"${PIP[@]}" freeze >"$VENV/freeze.txt"
+"${PIP[@]}" freeze --all >"$VENV/freeze.txt"
 rm -f "$VENV"/.installed-*
 touch "$STAMP"
 log "ready in $(( $(date +%s) - start )) s: $VENV"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 # Test networks are tiny: one intra-op thread per process is as fast, and the workflow tests start several
 # processes that would otherwise oversubscribe a small machine (set before torch is imported).
@@ -17,6 +19,14 @@ BUNDLE_ROOT = REPO_ROOT / "bundle"
 SHARED_DIR = REPO_ROOT.parent / "shared"
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO_ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,11 @@ import shutil
 import subprocess
 import sys
 
-import monai
-import numpy
 import pytest
-import torch
 
-from .conftest import BUNDLE_ROOT, SHARED_DIR
+from .conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR, load_tool
+
+PINS = load_tool("pins")
 
 META_FILE = BUNDLE_ROOT / "configs" / "metadata.json"
 SCHEMA_NAME = "meta_schema_20240725.json"
@@ -36,14 +35,12 @@ def metadata() -> dict:
     return load_json(META_FILE)
 
 
-def major_minor(version: str) -> tuple[int, int]:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    assert match, f"not a version: {version!r}"
-    return int(match.group(1)), int(match.group(2))
-
-
 def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 @NEEDS_SCHEMA
@@ -83,13 +80,44 @@ def test_version_and_changelog(metadata):
     assert "optional_packages_version" not in metadata, "MONAI renames it to required_packages_version on load"
 
 
-def test_versions_match_installed_packages(metadata):
-    assert major_minor(metadata["monai_version"]) == major_minor(monai.__version__)
-    assert major_minor(metadata["pytorch_version"]) == major_minor(torch.__version__)
-    assert major_minor(metadata["numpy_version"]) == major_minor(numpy.__version__)
+def test_versions_match_the_pinned_environment(metadata):
+    """metadata.json states the versions the bundle was tested with: the core lock's, whatever is installed here."""
+    pins = PINS.read_lock(PINS.CORE_LOCK)
+    assert metadata["monai_version"] == pins["monai"]
+    assert metadata["pytorch_version"] == pins["torch"]
+    assert metadata["numpy_version"] == pins["numpy"]
     for name, version in metadata["required_packages_version"].items():
-        installed = importlib.metadata.version(name)
-        assert major_minor(version) == major_minor(installed), f"{name}: metadata {version}, installed {installed}"
+        assert version == pins[normalise(name)], f"{name}: metadata {version}, pinned {pins[normalise(name)]}"
+    assert PINS.metadata_versions(pins, metadata) == metadata, "`python tools/pins.py metadata` would change it"
+
+
+def test_core_lock_pins_every_requirement():
+    """Each requirement of setup.cfg (tests included) and torch are pinned, at a version the lower bound admits."""
+    pins = PINS.read_lock(PINS.CORE_LOCK)
+    setup = (BUNDLE_ROOT.parent / "setup.cfg").read_text()
+    for name, bound in re.findall(r"^\s+([A-Za-z0-9_.-]+)\s*(?:>=|==)\s*([0-9][^\s,]*)", setup, re.MULTILINE):
+        pinned = pins.get(normalise(name))
+        assert pinned, f"{name} is not pinned in {PINS.CORE_LOCK.name}"
+        assert version_tuple(pinned) >= version_tuple(bound), f"{name}: pinned {pinned} below setup.cfg's {bound}"
+
+
+def test_monailabel_lock_pins_the_server_stack():
+    pins = PINS.read_lock(REPO_ROOT / "monailabel" / "requirements-lock.txt")
+    requirements = (REPO_ROOT / "monailabel" / "requirements.txt").read_text()
+    for name, version in re.findall(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s]+)", requirements, re.MULTILINE):
+        assert pins.get(normalise(name)) == version, f"{name}: requirements.txt {version}, lock {pins.get(name)}"
+    assert version_tuple(pins["numpy"]) < (2,), "pydicom-seg needs numpy<2"
+    assert version_tuple(pins["pydicom"]) < (3,), "pydicom-seg needs pydicom<3"
+
+
+def test_lock_parser_reads_pins_only(tmp_path):
+    lock = tmp_path / "lock.txt"
+    lock.write_text("# comment\nPyYAML==6.0.4\npytorch_ignite==0.5.5  # why\n-e /src\nfoo>=1\n\n")
+    assert PINS.read_lock(lock) == {"pyyaml": "6.0.4", "pytorch-ignite": "0.5.5"}
+    freeze = tmp_path / "freeze.txt"
+    freeze.write_text("torch==2.13.0+cpu\n# Editable install\n-e /work/main\nAbsl-py==2.5.1\n")
+    PINS.lock(str(freeze), str(lock), title="t")
+    assert PINS.read_lock(lock) == {"absl-py": "2.5.1", "torch": "2.13.0"}
 
 
 def third_party_modules() -> set[str]:
