@@ -4,13 +4,17 @@ Every predictor takes a float32 batch ``(B, 1, H, W)`` and returns ``{"pred": (B
 logits, like the eager network.
 
 - ``eager``: PyTorch float32, ``torch.inference_mode``;
-- ``eager_bf16``: the bundle's default on CPU: ``scripts.inferers.AutocastInferer`` (bf16 autocast, channels-last);
+- ``eager_channels_last``: ``scripts.inferers.AutocastInferer`` with autocast off: float32, channels-last;
+- ``eager_bf16``: the same with bf16 autocast forced on (``--amp True``);
+- ``default``: the bundle's default (``amp: auto``): bf16 autocast where the CPU computes bf16 natively, else
+  float32; channels-last;
 - ``torchscript``: ``torch.jit.script`` of the network, frozen and ``optimize_for_inference`` (BatchNorm folded
   into the convolutions), float32;
 - ``torchscript_bf16``: the same, of a bfloat16 channels-last copy of the network (weights and activations in
   bf16, no autocast; inputs cast to bf16, outputs back to float32);
 - ``onnxruntime``: ``torch.onnx.export(dynamo=False)`` (opset 17, dynamic batch) run by ONNX Runtime's CPU
-  provider with all graph optimisations, float32.
+  provider with all graph optimisations, float32;
+- ``compiled`` (optional, not in :data:`BACKENDS`): ``torch.compile`` with the inductor back-end, float32.
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ if BUNDLE_ROOT not in sys.path:
 
 from scripts.inferers import AutocastInferer  # noqa: E402
 
-BACKENDS = ("eager", "eager_bf16", "torchscript", "torchscript_bf16", "onnxruntime")
+BACKENDS = ("eager", "eager_channels_last", "eager_bf16", "default", "torchscript", "torchscript_bf16", "onnxruntime")
+# torch.compile (inductor) builds C++ kernels at the first call of each input shape: minutes on a small CPU
+OPTIONAL_BACKENDS = ("compiled",)
 OUTPUTS = ("pred", "cls")
 Predictor = Callable[[torch.Tensor], dict]
 
@@ -64,9 +70,10 @@ def make_predictor(name: str, network: torch.nn.Module, example: torch.Tensor, t
                 return network(x)
 
         return predict
-    if name == "eager_bf16":
+    if name in ("eager_channels_last", "eager_bf16", "default"):
         channels_last = copy.deepcopy(network).to(memory_format=torch.channels_last)
-        inferer = AutocastInferer(enabled=True, dtype="bfloat16", channels_last=True)
+        amp = {"eager_channels_last": False, "eager_bf16": True, "default": "auto"}[name]
+        inferer = AutocastInferer(enabled=amp, dtype="bfloat16", channels_last=True)
 
         def predict(x: torch.Tensor) -> dict:
             with torch.inference_mode():
@@ -107,4 +114,12 @@ def make_predictor(name: str, network: torch.nn.Module, example: torch.Tensor, t
             return {"pred": torch.from_numpy(pred), "cls": torch.from_numpy(cls)}
 
         return predict
-    raise ValueError(f"back-end must be one of {BACKENDS}, got '{name}'.")
+    if name == "compiled":
+        compiled = torch.compile(copy.deepcopy(network), backend="inductor", dynamic=False)
+
+        def predict(x: torch.Tensor) -> dict:
+            with torch.inference_mode():
+                return compiled(x)
+
+        return predict
+    raise ValueError(f"back-end must be one of {BACKENDS + OPTIONAL_BACKENDS}, got '{name}'.")

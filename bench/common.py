@@ -19,9 +19,13 @@ PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def machine() -> dict:
-    """CPU, core count, software versions and the load average now."""
+    """CPU (with its vector capability and whether it computes bf16 natively, which decides the bundle's default
+    precision), core count, software versions and the load average now."""
     import monai
     import torch
+
+    sys.path.insert(0, str(BUNDLE_ROOT))
+    from scripts.inferers import native_bf16
 
     model = "unknown"
     try:
@@ -33,6 +37,9 @@ def machine() -> dict:
         pass
     return {
         "cpu": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16("cpu"),
+        "machine_kind": machine_kind(native_bf16("cpu")),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -40,6 +47,11 @@ def machine() -> dict:
         "monai": monai.__version__,
         "load": load(),
     }
+
+
+def machine_kind(bf16: bool) -> str:
+    """The name of a machine's table in the benchmarks page: CPUs with and without native bf16 differ ~10x."""
+    return "CPU with native bf16" if bf16 else "CPU without native bf16"
 
 
 def load() -> list[float]:

@@ -1,8 +1,8 @@
 """Network prediction speed of each back-end: latency at batch 1 and throughput at batch 16 (256 x 256 input).
 
 Back-ends (``bench/backends.py``, checked against eager PyTorch by ``tests/test_inference_backends.py``): eager
-float32, eager bf16 autocast + channels-last (the bundle's default on CPU), TorchScript (scripted, frozen,
-optimised for inference) and ONNX Runtime (CPU provider). Times exclude pre- and post-processing; the weights are
+float32 with and without channels-last, bf16 autocast, the bundle's default (``amp: auto``), TorchScript
+(scripted, frozen, optimised for inference), ONNX Runtime (CPU provider) and, when asked for, ``torch.compile``. Times exclude pre- and post-processing; the weights are
 the configuration's initial ones (the speed does not depend on their values).
 
 Usage::
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50, help="timed runs at batch 1 (batch 16: a fifth of them)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--backends", nargs="+", default=None)
+    ap.add_argument("--backends", nargs="+", default=None, help="default: all of backends.BACKENDS")
     args = ap.parse_args()
 
     os.chdir(REPO_ROOT)

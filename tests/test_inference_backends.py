@@ -16,7 +16,10 @@ Tolerances (float32 everywhere except the mixed-precision row):
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import logging
 import sys
 import warnings
 
@@ -24,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inferers import AutocastInferer
+from scripts.inferers import AutocastInferer, as_bool
 from scripts.net import MultiTaskResUNet
 
 from .conftest import REPO_ROOT
@@ -153,3 +156,36 @@ def test_inferer_switches_given_as_text():
     assert AutocastInferer(enabled="true").enabled is True
     with pytest.raises(ValueError, match="enabled"):
         AutocastInferer(enabled="maybe")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_hardware(monkeypatch, caplog, network, native):
+    """``amp="auto"`` (the configs' default) autocasts only where bf16 is native, and says so once in the log."""
+    import scripts.inferers as inferers
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    assert inferers.native_bf16("cpu") is native
+    assert inferers.resolve_amp("auto", "cpu") is native
+    assert inferers.resolve_amp("AUTO", "meta") is False
+    assert inferers.resolve_amp("auto", "cpu", dtype="float16") is False, "float16 autocast only on CUDA"
+    for explicit in (True, "true", False, "False"):  # an explicit choice wins over the hardware
+        assert inferers.resolve_amp(explicit, "cpu") is as_bool(explicit)
+    seen = []
+    monkeypatch.setattr(torch, "autocast", lambda **kwargs: seen.append(kwargs) or contextlib.nullcontext())
+    inferer = AutocastInferer(channels_last=False)
+    assert inferer.enabled is None, "decided at the first call, from the inputs' device"
+    with caplog.at_level(logging.INFO, logger=inferers.__name__), torch.no_grad():
+        for _ in range(3):
+            inferer(inputs(1), network)
+    assert inferer.enabled is native
+    assert [kwargs["enabled"] for kwargs in seen] == [native] * 3
+    assert seen[0]["device_type"] == "cpu" and seen[0]["dtype"] == torch.bfloat16
+    messages = [r.getMessage() for r in caplog.records if r.name == inferers.__name__]
+    assert len(messages) == 1 and ("bfloat16 autocast" if native else "float32") in messages[0], messages
+    assert AutocastInferer(enabled="false").enabled is False
+
+
+def test_configs_choose_precision_by_hardware():
+    for name in ("train.json", "inference.json"):
+        config = json.loads((REPO_ROOT / "bundle" / "configs" / name).read_text())
+        assert config["amp"] == "auto" and config["inferer"]["enabled"] == "@amp", name
