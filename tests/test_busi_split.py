@@ -1,4 +1,4 @@
-"""The committed BUSI split is what the code makes, and no duplicate group straddles two subsets.
+"""The committed BUSI split is what the code makes, and no duplicate group or similar pair straddles two subsets.
 
 Runs only where the BUSI data sits at ``../shared/data/Dataset_BUSI_with_GT`` (CI has it; users may not).
 """
@@ -7,31 +7,79 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from scripts.data import create_datalist
+from scripts import data
 
 from .conftest import BUNDLE_ROOT, SHARED_DIR
 
 BUSI = SHARED_DIR / "data" / "Dataset_BUSI_with_GT"
 COMMITTED = BUNDLE_ROOT / "configs" / "datalist_Dataset_BUSI_with_GT.json"
 SPLITS = ("training", "validation", "test")
+pytestmark = pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found at {BUSI}")
 
 
-@pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found at {BUSI}")
-def test_committed_split_is_reproduced_and_grouped(tmp_path):
-    remade = create_datalist(str(BUSI), str(tmp_path / "datalist.json"))
-    committed = json.loads(COMMITTED.read_text())
-    for split in SPLITS:
-        assert remade[split] == committed[split], split
-    subset_of = {entry["image"]: split for split in SPLITS for entry in committed[split]}
-    assert len(subset_of) == 780
+@pytest.fixture(scope="module")
+def remade(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
+    """The split made anew from BUSI, and the thumbnail descriptors of every image (from the same single scan)."""
+    scan, thumbnails = data.scan_dataset, {}
+
+    def scan_and_keep(*args, **kwargs):
+        cases, skipped = scan(*args, **kwargs)
+        thumbnails.update((case["image"], case["thumbnails"]) for case in cases)
+        return cases, skipped
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "scan_dataset", scan_and_keep)
+        datalist = data.create_datalist(str(BUSI), str(tmp_path_factory.mktemp("split") / "datalist.json"))
+    return datalist, thumbnails
+
+
+@pytest.fixture(scope="module")
+def committed() -> dict:
+    return json.loads(COMMITTED.read_text())
+
+
+def _subset_of(datalist: dict) -> dict[str, str]:
+    return {entry["image"]: split for split in SPLITS for entry in datalist[split]}
+
+
+def test_committed_split_is_reproduced(remade, committed):
+    datalist, _ = remade
+    for key in ("duplicate_hash", "duplicate_similarity", *SPLITS, "counts", "duplicate_groups"):
+        assert datalist[key] == committed[key], key
+    assert len(_subset_of(committed)) == 780
+
+
+def test_duplicate_groups_stay_in_one_subset(committed):
+    subset_of = _subset_of(committed)
     for group in committed["duplicate_groups"]:
         assert len({subset_of[member] for member in group["members"]}) == 1, group
+    assert max(len(group["members"]) for group in committed["duplicate_groups"]) <= 10  # no chain of look-alikes
     together = [
-        ("benign/benign (433).png", "malignant/malignant (145).png"),  # identical, filed under two classes
-        ("benign/benign (154).png", "benign/benign (21).png"),  # near-duplicates the 63-bit hash missed
-        ("benign/benign (141).png", "benign/benign (64).png"),
+        ("benign (433)", "malignant (145)"),  # identical, filed under two classes
+        ("benign (154)", "benign (21)"),  # near-duplicates the 63-bit hash missed
+        ("benign (141)", "benign (64)"),
+        ("benign (140)", "benign (62)"),  # one frame, one copy with a black corner
+        ("malignant (39)", "malignant (40)"),  # frames of one lesion
+        ("malignant (42)", "malignant (40)"),
+        *[("malignant (3)", f"malignant ({n})") for n in range(4, 10)],
+        ("malignant (65)", "malignant (66)"),  # a sector image and its central crop
     ]
+    group_of = {m: g["group"] for g in committed["duplicate_groups"] for m in g["members"]}
     for first, second in together:
-        assert subset_of[first] == subset_of[second]
+        first, second = (f"{name.split()[0]}/{name}.png" for name in (first, second))
+        assert first in group_of and group_of.get(first) == group_of.get(second), (first, second)
+
+
+def test_no_similar_pair_straddles_subsets(remade, committed):
+    _, thumbnails = remade
+    subset_of = _subset_of(committed)
+    images = sorted(thumbnails)
+    scores = data.thumbnail_similarity(*[np.stack([thumbnails[image] for image in images])] * 2)
+    np.testing.assert_allclose(scores, scores.T, atol=1e-9)
+    similar = np.argwhere(np.triu(scores >= data.DEFAULT_SIMILARITY_THRESHOLD, 1))
+    assert 150 < len(similar) < 1000, len(similar)  # the measure finds the copies and does not flood
+    straddling = [(images[i], images[j]) for i, j in similar if subset_of[images[i]] != subset_of[images[j]]]
+    assert not straddling

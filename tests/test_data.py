@@ -13,7 +13,16 @@ import pytest
 from PIL import Image
 
 from scripts import data
-from scripts.data import DatasetError, create_datalist, group_duplicates, load_or_create_datalist, scan_dataset
+from scripts.data import (
+    DEFAULT_SIMILARITY_THRESHOLD,
+    DatasetError,
+    create_datalist,
+    group_duplicates,
+    load_or_create_datalist,
+    scan_dataset,
+    thumbnail_descriptors,
+    thumbnail_similarity,
+)
 
 SIZE = (48, 64)  # rows, columns
 
@@ -127,6 +136,59 @@ def test_group_duplicates_is_transitive():
     b[:4] = True
     c[:8] = True  # 8 bits from a, 4 from b
     assert group_duplicates([a, b, c, ~a], threshold=4) == [0, 0, 0, 1]
+
+
+def _texture(seed: int, shape: tuple[int, int] = (240, 320)) -> np.ndarray:
+    """A distinct random texture with structure at three scales, grey levels 40 to 220."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros(shape, np.float32)
+    for cells, weight in ((6, 1.0), (20, 0.5), (60, 0.25)):
+        noise = rng.random((cells, cells * 4 // 3)).astype(np.float32)
+        image += weight * np.asarray(Image.fromarray(noise).resize(shape[::-1], Image.BICUBIC))
+    return (40 + 180 * (image - image.min()) / (image.max() - image.min())).astype(np.uint8)
+
+
+def _copies(image: np.ndarray) -> dict[str, np.ndarray]:
+    """Altered copies of one frame, as found in BUSI."""
+    height, width = image.shape
+    rows, columns = np.mgrid[:height, :width]
+    corner = np.where(rows + columns < 80, 0, image).astype(np.uint8)  # black corner
+    marked = image.copy()
+    marked[100:103, 40:70] = marked[85:118, 55:58] = 255  # a caliper cross
+    marked[200:215, 200:290] = 230  # a text label
+    return {
+        "black corner": corner,
+        "central crop": image[:, width // 8 : width - width // 8],  # as a sector image cropped to its middle
+        "black frame": np.pad(image, ((20, 30), (15, 15))),
+        "rescaled": np.asarray(Image.fromarray(image).resize((width * 3 // 5, height * 3 // 5), Image.BILINEAR)),
+        "calipers and text": marked,
+        "contrast": np.clip(image * 0.8 + 30, 0, 255).astype(np.uint8),
+    }
+
+
+def test_thumbnail_similarity_finds_altered_copies_and_not_other_images():
+    original = thumbnail_descriptors(_texture(0))[None]
+    for name, copy in _copies(_texture(0)).items():
+        score = thumbnail_similarity(original, thumbnail_descriptors(copy)[None])[0, 0]
+        assert score >= DEFAULT_SIMILARITY_THRESHOLD, name
+    others = np.stack([thumbnail_descriptors(_texture(seed)) for seed in range(1, 40)])
+    scores = thumbnail_similarity(others, others)
+    np.testing.assert_allclose(scores, scores.T, atol=1e-9)
+    np.testing.assert_allclose(np.diag(scores), 1.0, atol=1e-6)
+    assert (scores[~np.eye(len(others), dtype=bool)] < DEFAULT_SIMILARITY_THRESHOLD - 0.15).all()
+    assert (thumbnail_similarity(original, others) < DEFAULT_SIMILARITY_THRESHOLD - 0.15).all()
+
+
+def test_group_duplicates_unites_hash_and_thumbnail_pairs(monkeypatch):
+    monkeypatch.setattr(data, "SIMILARITY_BLOCK", 2)  # pairs within and across blocks
+    copies = _copies(_texture(0))
+    images = [_texture(1), copies["black corner"], _texture(2), _texture(3), copies["central crop"], _texture(1)]
+    thumbnails = [thumbnail_descriptors(image) for image in images]
+    hashes = list(np.eye(len(images), dtype=bool))  # all 2 bits apart
+    assert group_duplicates(hashes, 1) == [0, 1, 2, 3, 4, 5]
+    assert group_duplicates(hashes, 1, thumbnails) == [0, 1, 2, 3, 1, 0]
+    hashes[3] = hashes[2]  # a hash pair as well
+    assert group_duplicates(hashes, 1, thumbnails) == [0, 1, 2, 2, 1, 0]
 
 
 def test_split_is_stratified_grouped_and_deterministic(tmp_path):

@@ -2,8 +2,9 @@
 
 ``<class>/<class> (N).png`` is an image, ``<class> (N)_mask.png`` its lesion mask and ``<class> (N)_mask_K.png``
 further masks of the same image (the lesion is their union). This module validates every image/mask pair,
-groups exact and near-duplicate images with a perceptual hash, and makes a deterministic, stratified split in
-which a duplicate group never straddles two subsets. The split is saved as a MONAI-style datalist JSON with
+groups exact and near-duplicate images (a perceptual hash, and a correlation of small thumbnails that also catches
+crops, black corners and other frames of the same lesion), and makes a deterministic, stratified split in which a
+duplicate group never straddles two subsets. The split is saved as a MONAI-style datalist JSON with
 paths relative to the dataset folder, so it can be committed and reused without any image data.
 
 Command line::
@@ -30,6 +31,8 @@ __all__ = [
     "DatasetError",
     "scan_dataset",
     "perceptual_hash",
+    "thumbnail_descriptors",
+    "thumbnail_similarity",
     "group_duplicates",
     "split_groups",
     "create_datalist",
@@ -42,6 +45,20 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MASK_PATTERN = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
 SPLITS = ("training", "validation", "test")
 DEFAULT_HASH_THRESHOLD = 64
+# Thumbnail correlation (thumbnail_descriptors, thumbnail_similarity), chosen on BUSI (780 images, 303,810 pairs):
+# unrelated pairs score 0.30 in the median and 0.59 at the 99.9th percentile, copies of one frame 0.7 to 1. From 0.58
+# to 0.66 other frames of one lesion (malignant (3) to (9): 0.61 to 0.67) mix with look-alikes (sectors of one
+# scanner, big anechoic cysts, shadowing masses: up to 0.655), judged by eye on side-by-side pairs. At 0.59 chains of
+# look-alikes merge 20 unrelated images, at 0.60 seven; from 0.61 the largest group is one lesion's 7 frames, and
+# 0.62 also leaves out three look-alike pairs at 0.616 to 0.619 (it misses some other frames: normal (9) and (10)
+# score 0.603). The generated images of scripts/synthetic.py, which share one layered layout, score at most 0.57.
+DEFAULT_SIMILARITY_THRESHOLD = 0.62
+THUMBNAIL_SIZE = 32  # thumbnail side, pixels
+BAND_PASS_SIGMA = THUMBNAIL_SIZE / 12  # the detail channel is the thumbnail minus this Gaussian blur
+PLAIN_WEIGHT = 0.5  # weight of the plain thumbnail against the detail channel in the correlation
+CROP_WIDTHS = (0.85, 0.7)  # central crops compared as well: BUSI holds copies cropped to the middle of the sector
+FIELD_LEVEL, FIELD_FRACTION = 10, 0.2  # field of view: rows / columns with more than 20 % of pixels above 10
+SIMILARITY_BLOCK = 256  # images per block of the pairwise comparison (bounds its memory)
 
 
 class DatasetError(ValueError):
@@ -79,8 +96,8 @@ def scan_dataset(dataset_dir: str, skip_invalid: bool = False) -> tuple[list[dic
         skip_invalid: skip bad cases and report them instead of raising.
 
     Returns:
-        ``(cases, skipped)``: cases ``{"image", "masks", "class", "class_name", "hash"}`` with paths relative to
-        ``dataset_dir``, in natural order; skipped ``{"file", "reason"}``.
+        ``(cases, skipped)``: cases ``{"image", "masks", "class", "class_name", "hash", "thumbnails"}`` with paths
+        relative to ``dataset_dir``, in natural order; skipped ``{"file", "reason"}``.
 
     Raises:
         DatasetError: listing every problem (unless ``skip_invalid``), or when no valid case is found.
@@ -161,6 +178,7 @@ def _check_case(root: Path, image_path: Path, mask_paths: list[Path], class_inde
         "class": class_index,
         "class_name": CLASS_NAMES[class_index],
         "hash": perceptual_hash(image),
+        "thumbnails": thumbnail_descriptors(image),
     }
     return [], case
 
@@ -181,12 +199,88 @@ def perceptual_hash(image: np.ndarray, size: int = 64, bits: int = 16) -> np.nda
     return low > np.median(low)
 
 
-def group_duplicates(hashes: Sequence[np.ndarray], threshold: int = DEFAULT_HASH_THRESHOLD) -> list[int]:
-    """Group images whose hashes differ in at most ``threshold`` bits, transitively (union-find).
+def _unit(array: np.ndarray) -> np.ndarray:
+    centred = array - array.mean()
+    return centred / max(float(np.sqrt((centred**2).sum())), 1e-6)
+
+
+def thumbnail_descriptors(image: np.ndarray) -> np.ndarray:
+    """Small normalised thumbnails of an image's field of view, for :py:func:`thumbnail_similarity`.
+
+    The black frame around the ultrasound field is cropped away, so copies cropped or padded differently and
+    rescaled copies give nearly the same thumbnails; averaging into 32 x 32 pixels washes out speckle, calipers and
+    text. Each thumbnail has a plain channel (the overall layout) and a detail channel (minus a Gaussian blur and
+    minus its row means: lesion borders and oblique tissue structure, not the horizontal layering that all images of
+    a scanner share), each zero-mean and weighted so that the dot product of two descriptors is a correlation.
+
+    Args:
+        image: 2D array.
+
+    Returns:
+        float32 array ``(1 + len(CROP_WIDTHS), 2, THUMBNAIL_SIZE, THUMBNAIL_SIZE)``: the whole field of view, then
+        central crops of it to ``CROP_WIDTHS`` of its width.
+    """
+    field = np.asarray(image, np.float32)
+    bright = field > FIELD_LEVEL
+    rows = np.flatnonzero(bright.mean(axis=1) > FIELD_FRACTION)
+    columns = np.flatnonzero(bright.mean(axis=0) > FIELD_FRACTION)
+    if len(rows) > 1 and len(columns) > 1:
+        field = field[rows[0] : rows[-1] + 1, columns[0] : columns[-1] + 1]
+    width = field.shape[1]
+    descriptors = []
+    for fraction in (1.0, *CROP_WIDTHS):
+        kept = max(1, round(width * fraction))
+        left = (width - kept) // 2
+        size = (THUMBNAIL_SIZE, THUMBNAIL_SIZE)
+        thumbnail = cv2.resize(field[:, left : left + kept], size, interpolation=cv2.INTER_AREA).astype(np.float64)
+        detail = thumbnail - cv2.GaussianBlur(thumbnail, (0, 0), BAND_PASS_SIGMA)
+        detail -= detail.mean(axis=1, keepdims=True)
+        descriptors.append([np.sqrt(PLAIN_WEIGHT) * _unit(thumbnail), np.sqrt(1 - PLAIN_WEIGHT) * _unit(detail)])
+    return np.asarray(descriptors, np.float32)
+
+
+def thumbnail_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Correlation of thumbnails, robust to small shifts and to central crops.
+
+    The score of two images is the largest correlation of one's whole field of view with the other's, shifted by up
+    to one thumbnail pixel (3 % of the field) each way, or with one of the other's central crops. It is symmetric.
+
+    Args:
+        first: stacked :py:func:`thumbnail_descriptors` of ``n`` images, ``(n, crops, 2, size, size)``.
+        second: the same for ``m`` images.
+
+    Returns:
+        ``(n, m)`` float64 scores in [-1, 1]; 1 for identical images.
+    """
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    size = first.shape[-1]
+    whole_first, whole_second = first[:, 0].reshape(len(first), -1), second[:, 0].reshape(len(second), -1)
+    padded = np.pad(first[:, 0], ((0, 0), (0, 0), (1, 1), (1, 1)))
+    scores = np.full((len(first), len(second)), -1.0)
+    for dy in range(3):
+        for dx in range(3):
+            shifted = padded[:, :, dy : dy + size, dx : dx + size].reshape(len(first), -1)
+            scores = np.maximum(scores, shifted @ whole_second.T)
+    for crop in range(1, first.shape[1]):
+        scores = np.maximum(scores, first[:, crop].reshape(len(first), -1) @ whole_second.T)
+        scores = np.maximum(scores, whole_first @ second[:, crop].reshape(len(second), -1).T)
+    return scores
+
+
+def group_duplicates(
+    hashes: Sequence[np.ndarray],
+    threshold: int = DEFAULT_HASH_THRESHOLD,
+    thumbnails: Sequence[np.ndarray] | None = None,
+    similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
+) -> list[int]:
+    """Group images whose hashes differ in at most ``threshold`` bits or whose thumbnails correlate at least
+    ``similarity_threshold``, transitively (union-find).
 
     Args:
         hashes: one boolean hash per image.
         threshold: largest Hamming distance that counts as a (near-)duplicate.
+        thumbnails: one :py:func:`thumbnail_descriptors` per image, or ``None`` to group by hash only.
+        similarity_threshold: smallest :py:func:`thumbnail_similarity` that counts as a (near-)duplicate.
 
     Returns:
         A group index per image, numbered from 0 in order of first appearance.
@@ -204,6 +298,13 @@ def group_duplicates(hashes: Sequence[np.ndarray], threshold: int = DEFAULT_HASH
         distances = (matrix[i + 1 :] != matrix[i]).sum(axis=1)
         for j in np.flatnonzero(distances <= threshold) + i + 1:
             parent[find(int(j))] = find(i)
+    if thumbnails is not None:
+        stack = np.asarray(thumbnails)
+        for start in range(0, len(stack), SIMILARITY_BLOCK):
+            scores = thumbnail_similarity(stack[start : start + SIMILARITY_BLOCK], stack[start:])
+            for i, j in zip(*np.nonzero(scores >= similarity_threshold)):
+                if j > i:
+                    parent[find(start + int(j))] = find(start + int(i))
     numbering: dict[int, int] = {}
     return [numbering.setdefault(find(i), len(numbering)) for i in range(len(matrix))]
 
@@ -267,6 +368,7 @@ def create_datalist(
     test_fraction: float = 0.15,
     seed: int = 0,
     hash_threshold: int = DEFAULT_HASH_THRESHOLD,
+    similarity_threshold: float = DEFAULT_SIMILARITY_THRESHOLD,
     skip_invalid: bool = False,
 ) -> dict:
     """Validate a BUSI-layout folder, group duplicates, split, and save the datalist atomically.
@@ -278,6 +380,7 @@ def create_datalist(
         test_fraction: fraction of images for testing.
         seed: seed of the split.
         hash_threshold: largest perceptual-hash distance between duplicates.
+        similarity_threshold: smallest thumbnail correlation between duplicates (:py:func:`thumbnail_similarity`).
         skip_invalid: skip bad cases (listed under ``"skipped"``) instead of raising.
 
     Returns:
@@ -285,7 +388,8 @@ def create_datalist(
         "group"}`` (paths relative to ``dataset_dir``), ``duplicate_groups``, ``skipped`` and a summary header.
     """
     cases, skipped = scan_dataset(dataset_dir, skip_invalid=skip_invalid)
-    groups = group_duplicates([case.pop("hash") for case in cases], hash_threshold)
+    hashes, thumbnails = [case.pop("hash") for case in cases], [case.pop("thumbnails") for case in cases]
+    groups = group_duplicates(hashes, hash_threshold, thumbnails, similarity_threshold)
     fractions = (1.0 - val_fraction - test_fraction, val_fraction, test_fraction)
     subsets = split_groups(groups, [case["class"] for case in cases], fractions, seed)
     datalist: dict = {
@@ -293,6 +397,7 @@ def create_datalist(
         "seed": seed,
         "fractions": dict(zip(SPLITS, fractions)),
         "duplicate_hash": f"DCT perceptual hash (255 bits), Hamming distance <= {hash_threshold}",
+        "duplicate_similarity": f"thumbnail correlation ({THUMBNAIL_SIZE} px, shifts, crops) >= {similarity_threshold}",
     }
     for split in SPLITS:
         datalist[split] = []
