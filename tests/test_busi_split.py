@@ -6,16 +6,18 @@ Runs only where the BUSI data sits at ``../shared/data/Dataset_BUSI_with_GT`` (C
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from scripts import data
 
-from .conftest import BUNDLE_ROOT, SHARED_DIR
+from .conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR
 
 BUSI = SHARED_DIR / "data" / "Dataset_BUSI_with_GT"
 COMMITTED = BUNDLE_ROOT / "configs" / "datalist_Dataset_BUSI_with_GT.json"
+SAMPLES_README = REPO_ROOT / "samples" / "README.md"
 SPLITS = ("training", "validation", "test")
 pytestmark = pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found at {BUSI}")
 
@@ -83,3 +85,15 @@ def test_no_similar_pair_straddles_subsets(remade, committed):
     assert 150 < len(similar) < 1000, len(similar)  # the measure finds the copies and does not flood
     straddling = [(images[i], images[j]) for i, j in similar if subset_of[images[i]] != subset_of[images[j]]]
     assert not straddling
+
+
+def test_demo_samples_are_unchanged_test_split_images():
+    """samples/ (the README's demo) holds at most 6 BUSI images, each byte-identical to a test-split image."""
+    listed = re.findall(r"^\| `(busi_[^`]+\.png)` \| `([^`]+)` \| (\w+) \|$", SAMPLES_README.read_text(), re.MULTILINE)
+    files = sorted(p.name for p in SAMPLES_README.parent.glob("*.png"))
+    assert sorted(name for name, _, _ in listed) == files and 0 < len(files) <= 6
+    test_split = {entry["image"]: entry["class_name"] for entry in json.loads(COMMITTED.read_text())["test"]}
+    for name, source, class_name in listed:
+        assert test_split.get(source) == class_name, f"{source} is not a {class_name} test-split image"
+        if BUSI.is_dir():
+            assert (SAMPLES_README.parent / name).read_bytes() == (BUSI / source).read_bytes(), name
