@@ -12,6 +12,8 @@ from scripts.io import image_readers
 from scripts.transforms import (
     LesionLabelMapd,
     LoadLesionLabeld,
+    RandDepthAttenuationd,
+    RandSpeckleNoised,
     SingleChannel2Dd,
     SpeckleDenoised,
     pil_to_supported_mode,
@@ -179,3 +181,28 @@ def test_predicted_map_agrees_with_predicted_class():
     assert int((malignant["seg_pred"] > 0).sum()) == 4
     normal = transform({"pred": seg, "cls": torch.tensor([0.6, 0.3, 0.1])})
     assert int(normal["seg_pred"].max()) == 0 and int(normal["cls_pred"]) == 0
+
+
+def test_speckle_noise_is_multiplicative_and_seeded():
+    image = torch.zeros(1, 32, 24)
+    image[:, :, 12:] = 0.8
+    speckle = RandSpeckleNoised("image", prob=1.0, std=(0.2, 0.2), grain=(1.0, 1.0))
+    speckle.set_random_state(0)
+    first = speckle({"image": image})["image"]
+    assert first.shape == image.shape
+    assert torch.equal(first[:, :, :12], image[:, :, :12]), "black stays black: the noise scales the echo"
+    assert 0.1 < float((first[:, :, 12:] / 0.8).std()) < 0.3
+    assert float(first.min()) >= 0.0
+    speckle.set_random_state(0)
+    assert torch.equal(speckle({"image": image})["image"], first)
+    assert torch.equal(RandSpeckleNoised("image", prob=0.0)({"image": image})["image"], image)
+
+
+def test_depth_attenuation_darkens_with_depth():
+    image = torch.ones(1, 20, 50)  # (1, X, Y): Y is depth
+    attenuate = RandDepthAttenuationd("image", prob=1.0, attenuation=(1.0, 1.0))
+    out = attenuate({"image": image})["image"]
+    torch.testing.assert_close(out[0, :, 0], torch.ones(20))
+    torch.testing.assert_close(out[0, :, -1], torch.full((20,), float(np.exp(-1.0))))
+    assert torch.all(out[0, 0, 1:] < out[0, 0, :-1]), "monotone in depth"
+    assert torch.equal(out[0, 0], out[0, -1]), "constant across the width"

@@ -114,3 +114,27 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
         assert Image.open(out / f"{Path(name).name.split('.')[0]}_overlay.png").size == image.shape[::-1]
     np.testing.assert_array_equal(maps["scan.nii.gz"], maps["scan (1).png"])
     np.testing.assert_array_equal(maps["scan.nrrd"], maps["scan (1).png"])
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.5, 1.0])
+def test_training_sampler_balances_classes(balance):
+    """Each training image is drawn with weight (images of its class) ** -class_balance; without classes in the
+    datalist (MONAI Label's image/label lists) every image weighs the same."""
+    from monai.bundle import ConfigParser
+
+    counts = {0: 2, 1: 6, 2: 3}
+    items = [{"image": f"{c}_{i}.png", "class": c} for c, n in counts.items() for i in range(n)]
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / TRAIN_CONFIG))
+    parser["class_balance"] = balance
+    parser["train#dataset"] = {"_target_": "monai.data.Dataset", "data": items}
+    sampler = parser.get_parsed_content("train#sampler")
+    expected = torch.tensor([counts[item["class"]] ** -balance for item in items], dtype=torch.double)
+    torch.testing.assert_close(sampler.weights, expected)
+    assert sampler.num_samples == len(items) and sampler.replacement
+    parser["train#dataset"] = {"_target_": "monai.data.Dataset", "data": [{"image": "a"}, {"image": "b"}]}
+    unlabelled = parser.get_parsed_content("train#sampler", lazy=False).weights
+    assert unlabelled[0] == unlabelled[1] > 0
+    class_share = {c: float(expected[[i["class"] == c for i in items]].sum() / expected.sum()) for c in counts}
+    if balance == 1.0:
+        assert all(share == pytest.approx(1 / 3) for share in class_share.values())

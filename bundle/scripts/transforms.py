@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
 __all__ = [
     "CLASS_NAMES",
@@ -26,6 +26,8 @@ __all__ = [
     "SingleChannel2Dd",
     "LoadLesionLabeld",
     "SpeckleDenoised",
+    "RandSpeckleNoised",
+    "RandDepthAttenuationd",
     "LesionLabelMapd",
     "class_from_label_map",
     "ClassFromLabeld",
@@ -256,6 +258,80 @@ class SpeckleDenoised(MapTransform):
             plane = np.ascontiguousarray(img[0].detach().cpu().numpy(), dtype=np.float32)
             denoised = torch.from_numpy(self.denoise(plane))[None]
             d[key] = img.clone().copy_(denoised) if isinstance(img, torch.Tensor) else denoised
+        return d
+
+
+class RandSpeckleNoised(RandomizableTransform, MapTransform):
+    """Multiply images by ``1 + std * N(0, 1)`` noise, smoothed to a speckle grain: scanners differ in speckle.
+
+    MONAI's noise transforms add noise; ultrasound speckle scales with the echo intensity.
+
+    Args:
+        keys: keys of ``(1, X, Y)`` images scaled to about ``[0, 1]``.
+        prob: probability of applying it.
+        std: range the noise standard deviation is drawn from.
+        grain: range of the Gaussian sigma (pixels) that correlates neighbouring noise values.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.1,
+        std: Sequence[float] = (0.05, 0.2),
+        grain: Sequence[float] = (0.0, 1.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.std, self.grain = std, grain
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        std, sigma = self.R.uniform(*self.std), self.R.uniform(*self.grain)
+        for key in self.key_iterator(d):
+            noise = self.R.standard_normal(d[key].shape[1:]).astype(np.float32)
+            if sigma > 0.3:
+                noise = cv2.GaussianBlur(noise, (0, 0), sigma)
+                noise /= max(float(noise.std()), 1e-6)
+            d[key] = d[key] * (1.0 + std * torch.as_tensor(noise)[None]).clamp_min(0.0)
+        return d
+
+
+class RandDepthAttenuationd(RandomizableTransform, MapTransform):
+    """Multiply images by a gain that falls (or rises) with depth, ``exp(-a * depth)``: scanners and their
+    time-gain compensation settings differ in how the echo decays from the skin downwards.
+
+    Args:
+        keys: keys of ``(1, X, Y)`` images (``Y``, the second spatial axis, is depth, as BUSI PNGs load).
+        prob: probability of applying it.
+        attenuation: range of ``a``, the log gain lost from top to bottom (negative: brighter with depth).
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        prob: float = 0.1,
+        attenuation: Sequence[float] = (-0.3, 1.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        self.attenuation = attenuation
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        a = self.R.uniform(*self.attenuation)
+        for key in self.key_iterator(d):
+            depth = torch.linspace(0.0, 1.0, d[key].shape[-1], dtype=torch.float32)
+            d[key] = d[key] * torch.exp(-a * depth)
         return d
 
 
