@@ -16,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 BENCH_DIR = REPO_ROOT / "bench"
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
 
 
 def machine() -> dict:
@@ -24,7 +26,6 @@ def machine() -> dict:
     import monai
     import torch
 
-    sys.path.insert(0, str(BUNDLE_ROOT))
     from scripts.inferers import native_bf16
 
     model = "unknown"
@@ -52,6 +53,13 @@ def machine() -> dict:
 def machine_kind(bf16: bool) -> str:
     """The name of a machine's table in the benchmarks page: CPUs with and without native bf16 differ ~10x."""
     return "CPU with native bf16" if bf16 else "CPU without native bf16"
+
+
+def results_dir() -> Path:
+    """``bench/results/<machine kind>``: each kind of machine keeps its own results (and its own table)."""
+    from scripts.inferers import native_bf16
+
+    return BENCH_DIR / "results" / machine_kind(native_bf16("cpu")).lower().replace(" ", "-")
 
 
 def load() -> list[float]:

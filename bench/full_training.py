@@ -16,7 +16,7 @@ import re
 from datetime import datetime
 from pathlib import Path
 
-from common import BENCH_DIR, machine, median, write_json
+from common import machine, median, results_dir, write_json
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 TRAINER_EPOCH = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):([\d.]+)")
@@ -63,7 +63,8 @@ def main() -> None:
     ap.add_argument("--log", required=True, type=Path, nargs="+", help="the training log(s), in order")
     ap.add_argument("--command", required=True, help="the command that ran the training (recorded as is)")
     ap.add_argument("--conditions", default="", help="how the machine was used meanwhile")
-    ap.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "full_training.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/<machine kind>/full_training.json")
     args = ap.parse_args()
     parts = [parse(log) for log in args.log]
     result = {
@@ -79,7 +80,7 @@ def main() -> None:
         "conditions": args.conditions,
         "machine": machine(),
     }
-    write_json(args.out, result)
+    write_json(args.out or results_dir() / "full_training.json", result)
     print(result)
 
 

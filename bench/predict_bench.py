@@ -2,8 +2,9 @@
 
 Back-ends (``bench/backends.py``, checked against eager PyTorch by ``tests/test_inference_backends.py``): eager
 float32 with and without channels-last, bf16 autocast, the bundle's default (``amp: auto``), TorchScript
-(scripted, frozen, optimised for inference), ONNX Runtime (CPU provider) and, when asked for, ``torch.compile``. Times exclude pre- and post-processing; the weights are
-the configuration's initial ones (the speed does not depend on their values).
+(scripted, frozen, optimised for inference), ONNX Runtime (CPU provider) and, when asked for, ``torch.compile``.
+Times exclude pre- and post-processing; the weights are the configuration's initial ones (the speed does not
+depend on their values), and the network is inference.json's.
 
 Usage::
 

@@ -5,7 +5,8 @@ One command::
     python bench/run_all.py --dataset_dir /path/to/Dataset_BUSI_with_GT
 
 Each measurement runs in its own process (its peak memory is that of its process tree); results go to
-``bench/results/*.json`` and logs to ``bench/results/logs``. ``--only`` picks parts (``preprocess predict
+``bench/results/<machine kind>/*.json`` (CPUs with and without native bf16 are kept apart) and logs to
+``bench/results/<machine kind>/logs``. ``--only`` picks parts (``preprocess predict
 inference train``), ``--quick`` shortens everything (a smoke run, not for the table). ``bench/report.py``
 re-renders the table from the JSON files.
 
@@ -25,18 +26,18 @@ import time
 from pathlib import Path
 
 from common import (
-    BENCH_DIR,
     BUNDLE_ROOT,
     load,
     machine,
     median,
     python_command,
+    results_dir,
     run_measured,
     wait_for_idle,
     write_json,
 )
 
-RESULTS = BENCH_DIR / "results"
+RESULTS = results_dir()
 PARTS = ("preprocess", "predict", "inference", "train", "precision")
 
 # (name, description, mode, epochs, overrides); the first epoch of each run is not counted in the medians
@@ -47,6 +48,7 @@ TRAIN_RUNS = [
     ("default", "train.json as shipped (bf16 autocast, channels-last, cache, LeakyReLU, no conv dropout)",
      "bundle", 5, {}),
     ("fp32", "default with --amp False (float32)", "bundle", 5, {"amp": False}),
+    ("bf16", "default with --amp True (bf16 autocast forced)", "bundle", 2, {"amp": True}),
     ("default_seed1", "default, seed 1 (run-to-run spread of the validation metrics)", "bundle", 5, {"seed": 1}),
     ("fp32_seed1", "float32, seed 1 (run-to-run spread of the validation metrics)", "bundle", 5,
      {"amp": False, "seed": 1}),
@@ -65,7 +67,8 @@ TRAIN_RUNS = [
     ("two_model_unet", "MONAI UNet (DiceCE), float32, same data loader", "unet", 2, {}),
     ("two_model_densenet", "MONAI DenseNet121 (cross-entropy), float32, same data loader", "densenet", 2, {}),
 ]  # fmt: skip
-EXTRA_ARGS = {"no_meta": ["--no_meta_after_cache"], "tuned": ["--no_meta_after_cache"]}
+# forced bf16 is ~10x slower where the CPU emulates it: 6 iterations an epoch give its speed
+EXTRA_ARGS = {"no_meta": ["--no_meta_after_cache"], "tuned": ["--no_meta_after_cache"], "bf16": ["--epoch_length", "6"]}
 
 
 IDLE = {"threshold": 0.6, "max_wait_s": 600.0}

@@ -61,6 +61,24 @@ def test_variants_override_existing_config_entries(ablate):
             node = config
             for part in key.split("#")[:-1]:
                 node = node[part]
-            assert key.split("#")[-1] in node or key == "loss#class_weights", f"{name}: {key} not in train.json"
+            # the residual encoder's widths are not in train.json, whose default encoder is EfficientNet-Lite0
+            known = key.split("#")[-1] in node or key == "loss#class_weights" or key in ablate.SCRATCH_ENCODER
+            assert known, f"{name}: {key} not in train.json"
     geometric = ablate._resolve(ablate.VARIANTS["geometric_augmentation_only"])["train#random_transforms"]
     assert [t["_target_"] for t in geometric] == ["RandAffined", "RandFlipd"]
+
+
+def test_malignant_operating_point(ablate):
+    # p(malignant) of 5 malignant and 4 benign images (and one normal image, which does not count)
+    probs = np.array([[0.1, 0.1, p] for p in (0.9, 0.8, 0.5, 0.3, 0.1, 0.6, 0.4, 0.2, 0.05, 0.7)])
+    labels = np.array([2, 2, 2, 2, 2, 1, 1, 1, 1, 0])
+    point = ablate.malignant_operating_point(probs, labels, sensitivity=0.8)
+    assert point["threshold"] == pytest.approx(0.3)  # 4 of 5 malignant reach 0.3; 0.5 would catch only 3
+    assert point["sensitivity"] == pytest.approx(0.8)
+    assert point["specificity"] == pytest.approx(0.5)  # benign 0.2 and 0.05 stay below; 0.6 and 0.4 do not
+    assert point["benign_malignant_auc"] == pytest.approx(14 / 20)
+    assert ablate.malignant_operating_point(probs, labels, sensitivity=1.0)["threshold"] == pytest.approx(0.1)
+    scores = ablate.score({"seg": np.zeros((10, 2, 2)), "cls": probs,
+                           "label": np.repeat(labels, 4).reshape(10, 2, 2).astype(np.uint8)},
+                          malignant_threshold=0.3)  # fmt: skip
+    assert scores["malignant_recall"] == pytest.approx(0.8)

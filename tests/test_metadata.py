@@ -182,4 +182,9 @@ def test_metadata_agrees_with_config(metadata, config):
 def test_inference_and_training_build_the_same_network():
     train = load_json(BUNDLE_ROOT / "configs" / "train.json")
     inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
-    assert train["network_def"] == inference["network_def"], "model.pt from training must load into inference"
+
+    def architecture(config: dict) -> dict:
+        return {k: v for k, v in config["network_def"].items() if k != "pretrained"}
+
+    assert architecture(train) == architecture(inference), "model.pt from training must load into inference"
+    assert inference["network_def"].get("pretrained", False) is False, "inference takes its weights from model.pt"

@@ -32,6 +32,8 @@ from .conftest import BUNDLE_ROOT, REPO_ROOT
 NAME = "breast_ultrasound_segmentation_classification"
 SHIPPED_DIRS = ("configs", "docs", "scripts")
 TINY_NETWORK = [
+    "--network_def#encoder", "residual",
+    "--network_def#pretrained", "False",
     "--network_def#channels", "[8, 16, 32, 64]",
     "--network_def#strides", "[2, 2, 2, 2]",
     "--network_def#decoder_channels", "[32, 16, 8, 8]",

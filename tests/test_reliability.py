@@ -36,6 +36,8 @@ from scripts.handlers import (
 from .conftest import REPO_ROOT
 
 TINY_NETWORK = [
+    "--network_def#encoder", "residual",
+    "--network_def#pretrained", "False",
     "--network_def#channels", "[8, 16, 32, 64]",
     "--network_def#strides", "[2, 2, 2, 2]",
     "--network_def#decoder_channels", "[32, 16, 8, 8]",

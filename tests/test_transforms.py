@@ -16,6 +16,7 @@ from scripts.transforms import (
     RandSpeckleNoised,
     SingleChannel2Dd,
     SpeckleDenoised,
+    decide_class,
     pil_to_supported_mode,
     to_single_channel_2d,
 )
@@ -206,3 +207,35 @@ def test_depth_attenuation_darkens_with_depth():
     torch.testing.assert_close(out[0, :, -1], torch.full((20,), float(np.exp(-1.0))))
     assert torch.all(out[0, 0, 1:] < out[0, 0, :-1]), "monotone in depth"
     assert torch.equal(out[0, 0], out[0, -1]), "constant across the width"
+
+
+@pytest.mark.parametrize(
+    "probs, normal_threshold, malignant_threshold, expected",
+    [
+        ([0.5, 0.2, 0.3], None, None, 0),  # arg-max
+        ([0.2, 0.45, 0.35], None, None, 1),
+        ([0.5, 0.2, 0.3], None, 0.25, 2),  # malignant once p(malignant) reaches its threshold
+        ([0.2, 0.5, 0.3], None, 0.3, 2),
+        ([0.2, 0.5, 0.3], None, 0.31, 1),  # not reached: benign unless normal is likelier than benign
+        ([0.5, 0.2, 0.3], None, 0.35, 0),
+        ([0.5, 0.2, 0.3], 0.6, None, 2),  # normal only above its threshold, else the likelier lesion class
+        ([0.7, 0.2, 0.1], 0.6, None, 0),
+        ([0.5, 0.2, 0.3], 0.6, 0.35, 1),
+        ([0.3, 0.1, 0.6], 0.2, 0.9, 0),
+    ],
+)
+def test_decide_class(probs, normal_threshold, malignant_threshold, expected):
+    assert decide_class(torch.tensor(probs), normal_threshold, malignant_threshold) == expected
+
+
+def test_label_map_follows_the_thresholded_class():
+    seg = torch.zeros(3, 4, 4)
+    seg[0] = 1.0
+    seg[0, :2, :2], seg[2, :2, :2] = 0.1, 0.9
+    cls = torch.tensor([0.2, 0.6, 0.2])
+    argmax = LesionLabelMapd()({"pred": seg, "cls": cls})
+    sensitive = LesionLabelMapd(malignant_threshold=0.15)({"pred": seg, "cls": cls})
+    assert int(argmax["cls_pred"]) == 1 and int(sensitive["cls_pred"]) == 2
+    assert set(argmax["seg_pred"].unique().tolist()) == {0, 1}
+    assert set(sensitive["seg_pred"].unique().tolist()) == {0, 2}
+    assert torch.equal(argmax["seg_pred"] > 0, sensitive["seg_pred"] > 0)

@@ -34,6 +34,8 @@ REQUIRED_FILES = (
     "scripts/__init__.py",
 )
 TINY_NETWORK = {
+    "network_def#encoder": "residual",
+    "network_def#pretrained": False,
     "network_def#channels": [8, 16, 32, 64],
     "network_def#strides": [2, 2, 2, 2],
     "network_def#decoder_channels": [32, 16, 8, 8],

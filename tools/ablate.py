@@ -37,6 +37,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 TRAIN_CONFIG = BUNDLE / "configs" / "train.json"
+if str(BUNDLE) not in sys.path:
+    sys.path.insert(0, str(BUNDLE))
+
+from scripts.inferers import resolve_amp  # noqa: E402
 
 
 def _light_augmentation() -> list:
@@ -45,18 +49,42 @@ def _light_augmentation() -> list:
     return [t for t in transforms if t["_target_"] in ("RandAffined", "RandFlipd")]
 
 
+def _augmentation_0_2() -> list:
+    """The augmentation of bundle version 0.2.0: no low-resolution, speckle or depth-gain transforms, smaller
+    scale range, 20-pixel translations."""
+    added = ("RandSimulateLowResolutiond", "scripts.transforms.RandSpeckleNoised",
+             "scripts.transforms.RandDepthAttenuationd")  # fmt: skip
+    transforms = json.loads(TRAIN_CONFIG.read_text())["train"]["random_transforms"]
+    kept = [t for t in transforms if t["_target_"] not in added]
+    for transform in kept:
+        if transform["_target_"] == "RandAffined":
+            transform.update(scale_range=[0.15, 0.15], translate_range=[20, 20])
+    return kept
+
+
+PRETRAINED_ENCODER = {"network_def#encoder": "efficientnet-lite0", "network_def#pretrained": True}
+# the residual encoder trained from scratch (the network of versions 0.1.0 and 0.2.0)
+SCRATCH_ENCODER = {"network_def#encoder": "residual", "network_def#pretrained": False,
+                   "network_def#channels": [16, 32, 64, 128, 256], "network_def#strides": [2, 2, 2, 2, 2],
+                   "network_def#num_res_units": 2}  # fmt: skip
 # name -> overrides of train.json; seeds are added by ``run``
+RECIPE_0_2 = {"class_balance": 0.0, "train#random_transforms": "0.2", **SCRATCH_ENCODER}
 VARIANTS: dict[str, dict] = {
-    "multitask": {},
-    "segmentation_only": {"loss_beta": 0.0},
-    "classification_only": {"loss_alpha": 0.0},
-    "no_denoising": {"denoise": "none"},
-    "beta_1.0": {"loss_beta": 1.0},
-    "beta_0.2": {"loss_beta": 0.2},
-    "class_weighted_ce": {"loss#class_weights": [1.6, 0.5, 1.0]},
-    "geometric_augmentation_only": {"train#random_transforms": "light"},
+    "recipe_0.2": RECIPE_0_2,
+    "recipe_0.3_scratch": SCRATCH_ENCODER,
+    "recipe_0.3_pretrained": PRETRAINED_ENCODER,
+    # the ablations of version 0.2.0, on its recipe
+    "multitask": RECIPE_0_2,
+    "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
+    "classification_only": {**RECIPE_0_2, "loss_alpha": 0.0},
+    "no_denoising": {**RECIPE_0_2, "denoise": "none"},
+    "beta_1.0": {**RECIPE_0_2, "loss_beta": 1.0},
+    "beta_0.2": {**RECIPE_0_2, "loss_beta": 0.2},
+    "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
+    "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("multitask", "segmentation_only", "classification_only")
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "multitask", "segmentation_only",
+          "classification_only")
 
 
 def _budget(image_size: int, epochs: int) -> dict:
@@ -72,6 +100,8 @@ def _resolve(overrides: dict) -> dict:
     resolved = dict(overrides)
     if resolved.get("train#random_transforms") == "light":
         resolved["train#random_transforms"] = _light_augmentation()
+    if resolved.get("train#random_transforms") == "0.2":
+        resolved["train#random_transforms"] = _augmentation_0_2()
     return resolved
 
 
@@ -112,6 +142,7 @@ def predict_split(
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     network.eval().to(memory_format=torch.channels_last)
+    autocast = resolve_amp(parser["amp"], "cpu")
     seg, cls, labels = [], [], []
     for start in range(0, len(items), 16):
         batch = [preprocessing(item) for item in items[start : start + 16]]
@@ -119,7 +150,7 @@ def predict_split(
         views = [images, images.flip(2)] if tta else [images]
         seg_sum, cls_sum = 0.0, 0.0
         for index, view in enumerate(views):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = network(view)
             seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0]
             seg_sum = seg_sum + (seg_prob.flip(1) if index == 1 else seg_prob)
@@ -131,7 +162,10 @@ def predict_split(
 
 
 def score(
-    outputs: dict[str, np.ndarray], normal_threshold: float | None = None, lesion_threshold: float = 0.5
+    outputs: dict[str, np.ndarray],
+    normal_threshold: float | None = None,
+    lesion_threshold: float = 0.5,
+    malignant_threshold: float | None = None,
 ) -> dict[str, float]:
     """Validation scores of predicted probabilities (see the module docstring).
 
@@ -140,16 +174,17 @@ def score(
         normal_threshold: call an image normal (and empty its label map) only where ``p(normal)`` exceeds this,
             otherwise the likelier of benign and malignant; ``None``: the arg-max class.
         lesion_threshold: a pixel is lesion where its lesion probability exceeds this.
+        malignant_threshold: call an image malignant where ``p(malignant)`` reaches this (see
+            ``scripts.transforms.decide_class``).
     """
     from scripts.metrics import classification_metrics, lesion_dice_iou
+    from scripts.transforms import decide_class
 
     lesion = outputs["seg"] > lesion_threshold
     label = outputs["label"]
     probs = outputs["cls"]
     labels = label.reshape(len(label), -1).max(axis=1)
-    preds = probs.argmax(1)
-    if normal_threshold is not None:
-        preds = np.where(probs[:, 0] > normal_threshold, 0, 1 + probs[:, 1:].argmax(1))
+    preds = np.array([decide_class(torch.as_tensor(p), normal_threshold, malignant_threshold) for p in probs])
     shipped = lesion & (preds != 0)[:, None, None]
     has = labels > 0
     dice_seg = [lesion_dice_iou(p, y)[0] for p, y in zip(lesion[has], label[has])]
@@ -163,6 +198,9 @@ def score(
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
         "macro_auc": metrics["macro_auc"],
+        "malignant_recall": metrics["per_class"]["malignant"]["recall"],
+        "normal_recall": metrics["per_class"]["normal"]["recall"],
+        "lesion_called_normal": float((preds[has] == 0).mean()),
     }
 
 
@@ -234,7 +272,7 @@ def run(
 
 
 def report(out: str = "runs/ablation") -> str:
-    """Markdown table: mean (and range over seeds) of each score per variant."""
+    """Markdown table: mean ± sample standard deviation over seeds (and the seeds' range) of each score."""
     results: dict[str, list[dict]] = {}
     for path in sorted(Path(out).glob("*/scores.json")):
         result = json.loads(path.read_text())
@@ -248,7 +286,7 @@ def report(out: str = "runs/ablation") -> str:
         cells = []
         for key in keys:
             values = np.array([r[key] for r in runs])
-            spread = f" ({values.min():.3f}-{values.max():.3f})" if len(runs) > 1 else ""
+            spread = f" ± {values.std(ddof=1):.3f} ({values.min():.3f}-{values.max():.3f})" if len(runs) > 1 else ""
             cells.append(f"{values.mean():.3f}{spread}")
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -309,5 +347,71 @@ def sweep(
     return "\n".join(lines)
 
 
+def malignant_operating_point(probs: np.ndarray, labels: np.ndarray, sensitivity: float = 0.9) -> dict:
+    """The highest ``p(malignant)`` threshold whose malignant recall reaches ``sensitivity``, and what it costs.
+
+    Args:
+        probs: class probabilities ``(N, 3)``.
+        labels: true classes ``(N,)``.
+        sensitivity: the malignant recall to reach.
+
+    Returns:
+        ``threshold``, ``sensitivity`` reached, ``specificity`` (benign images not called malignant),
+        ``benign_malignant_auc`` (ROC AUC of ``p(malignant)``, benign vs malignant images) and the benign /
+        malignant ROC points.
+    """
+    from monai.metrics import compute_roc_auc
+
+    malignant, benign = probs[labels == 2, 2], probs[labels == 1, 2]
+    # recall at threshold t is the share of malignant p >= t: the k-th largest reaches k / n
+    ordered = np.sort(malignant)[::-1]
+    needed = int(np.ceil(sensitivity * len(ordered) - 1e-9))
+    threshold = float(ordered[max(needed, 1) - 1])
+    scores = np.r_[benign, malignant]
+    truth = np.r_[np.zeros(len(benign)), np.ones(len(malignant))]
+    roc = [(float((benign >= x).mean()), float((malignant >= x).mean())) for x in np.unique(scores)[::-1]]
+    return {
+        "threshold": threshold,
+        "sensitivity": float((malignant >= threshold).mean()),
+        "specificity": float((benign < threshold).mean()),
+        "benign_malignant_auc": float(compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(truth))),
+        "roc_fpr_tpr": roc,
+    }
+
+
+def operating_point(
+    dataset_dir: str,
+    ckpt: str = str(BUNDLE / "models" / "model.pt"),
+    split: str = "validation",
+    image_size: int = 256,
+    sensitivity: float = 0.9,
+    threshold: float | None = None,
+    overrides: str | None = None,
+) -> dict:
+    """Choose the malignant threshold on ``validation`` (or, with ``threshold``, score a chosen one on a split).
+
+    Args:
+        dataset_dir: the BUSI folder.
+        ckpt: checkpoint path.
+        split: datalist split.
+        image_size: network input size.
+        sensitivity: the malignant recall the threshold must reach (choosing).
+        threshold: a threshold chosen before (scoring, e.g. on ``test`` once).
+        overrides: JSON of further train.json overrides the checkpoint needs (e.g. its ``network_def``).
+    """
+    extra = json.loads(overrides) if overrides else {}
+    outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size], **extra}, split)
+    labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
+    result = malignant_operating_point(outputs["cls"], labels, sensitivity)
+    if threshold is not None:
+        malignant, benign = outputs["cls"][labels == 2, 2], outputs["cls"][labels == 1, 2]
+        result.update(threshold=threshold, sensitivity=float((malignant >= threshold).mean()),
+                      specificity=float((benign < threshold).mean()))  # fmt: skip
+    result["scores_at_threshold"] = score(outputs, malignant_threshold=result["threshold"])
+    result["scores_arg_max"] = score(outputs)
+    print(json.dumps({k: v for k, v in result.items() if k != "roc_fpr_tpr"}, indent=2))
+    return result
+
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "report": report, "evaluate": evaluate, "sweep": sweep})
+    fire.Fire({"run": run, "report": report, "evaluate": evaluate, "sweep": sweep, "operating_point": operating_point})

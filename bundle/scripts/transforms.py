@@ -28,6 +28,7 @@ __all__ = [
     "SpeckleDenoised",
     "RandSpeckleNoised",
     "RandDepthAttenuationd",
+    "decide_class",
     "LesionLabelMapd",
     "class_from_label_map",
     "ClassFromLabeld",
@@ -335,11 +336,44 @@ class RandDepthAttenuationd(RandomizableTransform, MapTransform):
         return d
 
 
+def decide_class(
+    probs: torch.Tensor, normal_threshold: float | None = None, malignant_threshold: float | None = None
+) -> int:
+    """The predicted class of one image from its class probabilities ``(normal, benign, malignant)``.
+
+    Without thresholds: the arg-max. ``malignant_threshold`` calls an image malignant whenever ``p(malignant)``
+    reaches it (an operating point for high cancer sensitivity); ``normal_threshold`` calls an image normal only
+    where ``p(normal)`` exceeds it. An image that is neither is benign or malignant, whichever is likelier (benign
+    where ``malignant_threshold`` is set, since malignant was not reached).
+
+    Args:
+        probs: class probabilities ``(3,)``.
+        normal_threshold: ``None`` or a probability.
+        malignant_threshold: ``None`` or a probability.
+
+    Returns:
+        The class index.
+    """
+    probs = probs.flatten().float()
+    if normal_threshold is None and malignant_threshold is None:
+        return int(torch.argmax(probs))
+    if malignant_threshold is not None and probs[2] >= malignant_threshold:
+        return 2
+    if normal_threshold is None:
+        is_normal = bool(probs[0] >= probs[1:].max()) if malignant_threshold is None else bool(probs[0] > probs[1])
+    else:
+        is_normal = bool(probs[0] > normal_threshold)
+    if is_normal:
+        return 0
+    return 1 if malignant_threshold is not None else 1 + int(torch.argmax(probs[1:]))
+
+
 class LesionLabelMapd(MapTransform):
     """Turn segmentation and class probabilities into one label map that agrees with the predicted class.
 
     A pixel is lesion where the lesion probability (benign + malignant channels) exceeds ``threshold``; all
-    lesion pixels take the predicted image class, and an image classified normal gets an empty map.
+    lesion pixels take the predicted image class (:func:`decide_class`), and an image classified normal gets an
+    empty map.
 
     Args:
         seg_key: key of segmentation probabilities ``(3, X, Y)``.
@@ -347,6 +381,8 @@ class LesionLabelMapd(MapTransform):
         label_map_key: key to write the ``(1, X, Y)`` uint8 label map to.
         cls_pred_key: key to write the predicted class index to.
         threshold: lesion probability threshold.
+        normal_threshold: see :func:`decide_class`; ``None``: arg-max.
+        malignant_threshold: see :func:`decide_class`; ``None``: arg-max.
     """
 
     def __init__(
@@ -356,6 +392,8 @@ class LesionLabelMapd(MapTransform):
         label_map_key: str = "seg_pred",
         cls_pred_key: str = "cls_pred",
         threshold: float = 0.5,
+        normal_threshold: float | None = None,
+        malignant_threshold: float | None = None,
     ) -> None:
         super().__init__(keys=[seg_key, cls_key])
         self.seg_key = seg_key
@@ -363,11 +401,13 @@ class LesionLabelMapd(MapTransform):
         self.label_map_key = label_map_key
         self.cls_pred_key = cls_pred_key
         self.threshold = threshold
+        self.normal_threshold = normal_threshold
+        self.malignant_threshold = malignant_threshold
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         seg, cls = d[self.seg_key], d[self.cls_key]
-        predicted_class = int(torch.argmax(cls))
+        predicted_class = decide_class(cls, self.normal_threshold, self.malignant_threshold)
         lesion = (1.0 - seg[:1]) > self.threshold
         d[self.label_map_key] = (lesion.to(torch.uint8) * predicted_class).to(torch.uint8)
         d[self.cls_pred_key] = torch.tensor(predicted_class)
