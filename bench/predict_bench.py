@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=50, help="timed runs at batch 1 (batch 16: a fifth of them)")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--backends", nargs="+", default=None, help="default: all of backends.BACKENDS")
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="default: backends.BACKENDS and the optional ones (torch.compile)")  # fmt: skip
     args = ap.parse_args()
 
     os.chdir(REPO_ROOT)
@@ -56,14 +57,18 @@ def main() -> None:
     single = torch.randn(1, 1, args.size, args.size)
     batch = torch.randn(16, 1, args.size, args.size)
     results = {}
-    for name in args.backends or backends.BACKENDS:
+    for name in args.backends or backends.BACKENDS + backends.OPTIONAL_BACKENDS:
         start = time.perf_counter()
         predict = backends.make_predictor(name, network, example=single)
         build_s = time.perf_counter() - start
+        start = time.perf_counter()
+        predict(single)  # torch.compile compiles here
+        first_call_s = time.perf_counter() - start
         latency = timed(predict, single, args.repeats, warmup=5)
         throughput = timed(predict, batch, max(3, args.repeats // 5), warmup=2)
         results[name] = {
             "build_s": build_s,
+            "first_call_s": first_call_s,
             "batch1_ms": 1000 * median(latency),
             "batch1_p90_ms": 1000 * sorted(latency)[int(0.9 * (len(latency) - 1))],
             "batch16_ms": 1000 * median(throughput),

@@ -271,13 +271,30 @@ def run(
             print(json.dumps(result), flush=True)
 
 
+def rescore(dataset_dir: str, out: str = "runs/ablation") -> None:
+    """Score every finished run of ``out`` again from its last-epoch checkpoint (after the scores gained keys).
+
+    Args:
+        dataset_dir: the BUSI folder.
+        out: the folder of ``run``.
+    """
+    for path in sorted(Path(out).glob("*/scores.json")):
+        result = json.loads(path.read_text())
+        overrides = {**result["overrides"], **VARIANTS.get(result["variant"], {})}
+        outputs = predict_split(dataset_dir, str(path.parent / "models" / "checkpoint.pt"), overrides)
+        result.update(overrides=overrides, **score(outputs))
+        path.write_text(json.dumps(result, indent=2))
+        print(path.parent.name, json.dumps({k: round(v, 3) for k, v in score(outputs).items()}), flush=True)
+
+
 def report(out: str = "runs/ablation") -> str:
     """Markdown table: mean ± sample standard deviation over seeds (and the seeds' range) of each score."""
     results: dict[str, list[dict]] = {}
     for path in sorted(Path(out).glob("*/scores.json")):
         result = json.loads(path.read_text())
         results.setdefault(result["variant"], []).append(result)
-    keys = ("dice_seg", "dice", "normal_fp", "accuracy", "macro_f1", "macro_auc")
+    keys = ("dice_seg", "dice", "normal_fp", "accuracy", "macro_f1", "macro_auc", "malignant_recall",
+            "lesion_called_normal")  # fmt: skip
     lines = ["| variant | seeds | " + " | ".join(keys) + " |", "| --- | ---: |" + " ---: |" * len(keys)]
     for name in VARIANTS:
         runs = results.get(name)
@@ -285,6 +302,9 @@ def report(out: str = "runs/ablation") -> str:
             continue
         cells = []
         for key in keys:
+            if any(key not in r for r in runs):
+                cells.append("n/a")
+                continue
             values = np.array([r[key] for r in runs])
             spread = f" ± {values.std(ddof=1):.3f} ({values.min():.3f}-{values.max():.3f})" if len(runs) > 1 else ""
             cells.append(f"{values.mean():.3f}{spread}")
@@ -321,6 +341,7 @@ def sweep(
     ckpt: str = str(BUNDLE / "models" / "model.pt"),
     split: str = "validation",
     image_size: int = 256,
+    malignant_thresholds: tuple = (None,),
 ) -> str:
     """Post-processing choices of one checkpoint side by side: test-time flipping, lesion and normal thresholds.
 
@@ -329,21 +350,25 @@ def sweep(
         ckpt: checkpoint path.
         split: datalist split (choose on ``validation``, never on ``test``).
         image_size: network input size.
+        malignant_thresholds: malignant operating points to combine with the others (``None``: arg-max).
 
     Returns:
         A markdown table, one row per combination.
     """
-    keys = ("dice_seg", "dice", "iou", "normal_fp", "accuracy", "macro_f1", "macro_auc")
-    lines = ["| flip TTA | lesion threshold | normal threshold | " + " | ".join(keys) + " |",
-             "| --- | ---: | ---: |" + " ---: |" * len(keys)]  # fmt: skip
+    keys = ("dice_seg", "dice", "iou", "normal_fp", "accuracy", "macro_f1", "macro_auc", "malignant_recall",
+            "lesion_called_normal")  # fmt: skip
+    lines = ["| flip TTA | lesion threshold | normal threshold | malignant threshold | " + " | ".join(keys) + " |",
+             "| --- | ---: | ---: | ---: |" + " ---: |" * len(keys)]  # fmt: skip
     for tta in (False, True):
         outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size]}, split, tta)
         for lesion_threshold in (0.4, 0.5, 0.6):
             for normal_threshold in (None, 0.6, 0.7, 0.8):
-                result = score(outputs, normal_threshold, lesion_threshold)
-                lines.append(f"| {'yes' if tta else 'no'} | {lesion_threshold} | "
-                             f"{'arg-max' if normal_threshold is None else normal_threshold} | "
-                             + " | ".join(f"{result[k]:.3f}" for k in keys) + " |")  # fmt: skip
+                for malignant_threshold in malignant_thresholds:
+                    result = score(outputs, normal_threshold, lesion_threshold, malignant_threshold)
+                    lines.append(f"| {'yes' if tta else 'no'} | {lesion_threshold} | "
+                                 f"{'arg-max' if normal_threshold is None else normal_threshold} | "
+                                 f"{'arg-max' if malignant_threshold is None else malignant_threshold} | "
+                                 + " | ".join(f"{result[k]:.3f}" for k in keys) + " |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -414,4 +439,5 @@ def operating_point(
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "report": report, "evaluate": evaluate, "sweep": sweep, "operating_point": operating_point})
+    fire.Fire({"run": run, "rescore": rescore, "report": report, "evaluate": evaluate, "sweep": sweep,
+               "operating_point": operating_point})
