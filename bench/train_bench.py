@@ -254,6 +254,7 @@ def main() -> None:
     result.update(
         mode=args.mode, configs=args.configs, overrides={k: v for k, v in overrides.items() if k != "ckpt_dir"},
         threads=torch.get_num_threads(), machine=machine(), summary=summarise(result["epochs"]),
+        image_size=list(parser["image_size"]), max_epochs=int(parser["max_epochs"]),
     )  # fmt: skip
     write_json(Path(args.out), result)
 
