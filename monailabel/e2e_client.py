@@ -12,10 +12,14 @@ result label files are kept in the plan's ``out_dir``. Steps, in order:
 3. ``infer_before``: auto-segmentation of each image id (``infer``, as the *Auto Segmentation* button does);
    ``infer_slicer``: the same with the parameters the Slicer module adds to every request (``SLICER_INFER_PARAMS``:
    an 8-bit NRRD label file whatever the image format);
-4. ``labels``: corrected label maps saved (``save_label``, as *Submit Label* does);
-5. ``train``: a training run with the trainer's own option values, as the *Train* button sends them, except the
+4. ``active_learning``: the scoring method run with the step's ``params`` (``POST /scoring/<name>``; the client
+   has no call for it, so the client's own HTTP helper sends it) until it ends, the image infos it stored
+   (``datastore``), then the strategy asked for the next sample (``next_sample``, as *Next Sample* does), a label
+   saved for that image, and the strategy asked again;
+5. ``labels``: corrected label maps saved (``save_label``, as *Submit Label* does);
+6. ``train``: a training run with the trainer's own option values, as the *Train* button sends them, except the
    ones the plan overrides; the client polls ``train_status`` until it ends (``train_timeout`` seconds);
-6. ``infer_after``: the same inference again, which must use the new weights.
+7. ``infer_after``: the same inference again, which must use the new weights.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelUtils
 
 # what MONAILabelLogic.infer of the Slicer module (MONAILabel.py) sets on every inference request
 SLICER_INFER_PARAMS = {"result_extension": ".nrrd", "result_dtype": "uint8"}
@@ -57,6 +62,67 @@ def infer_all(
     return results
 
 
+def http_json(url: str, method: str, selector: str, body: dict | None = None) -> tuple[int, object]:
+    """One request with the client's own HTTP helper: the status and the decoded JSON answer."""
+    status, response, _, _ = MONAILabelUtils.http_method(method, url, selector, body)
+    return status, json.loads(response) if response else None
+
+
+def run_scoring(url: str, method: str, params: dict, timeout: float) -> dict:
+    """Run scoring ``method`` with the request ``params`` and wait for it to end; return its task (status, details).
+
+    MONAI Label itself starts all scoring methods once the app is ready and after each next-sample request, and
+    answers 429 to a second run while one is going: ask again until it takes ours. The end is read from the task's
+    own status (``GET /scoring/?all=true``): "no scoring running" is also what MONAI Label says just before a
+    submitted task starts its process and just after it ends, before the task is marked done.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status, task = http_json(url, "POST", f"/scoring/{method}", params)
+        if status == 200:
+            break
+        if status != 429 or time.monotonic() > deadline:
+            raise RuntimeError(f"POST /scoring/{method}: status {status}: {task}")
+        time.sleep(1)
+    while task["status"] in ("SUBMITTED", "RUNNING"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"scoring task still {task['status']} after {timeout:.0f} s: {task}")
+        time.sleep(1)
+        _, tasks = http_json(url, "GET", "/scoring/?all=true")
+        (task,) = [entry for entry in tasks if entry["id"] == task["id"]]
+    task["details"] = list(task.get("details") or [])
+    return task
+
+
+def scoring_summary(details: list[str]) -> dict:
+    """The scoring method's result: the JSON line the scoring process prints last."""
+    for line in reversed(details):
+        try:
+            summary = json.loads(line[line.index("{"):])
+        except ValueError:
+            continue
+        if isinstance(summary, dict) and "method" in summary:
+            return summary
+    return {}
+
+
+def active_learning(client: MONAILabelClient, url: str, step: dict, labels: list[dict]) -> dict:
+    """Score, take the next sample, label it, take the next one (see the module docstring)."""
+    scoring = run_scoring(url, step["scoring"], step.get("params", {}), float(step.get("timeout", 600)))
+    objects = client.datastore().get("objects", {})
+    first = client.next_sample(step["strategy"], {})
+    label = {item["id"]: item for item in labels}[first["id"]]
+    saved = client.save_label(first["id"], label["file"], params={"label_info": label.get("label_info", [])})
+    second = client.next_sample(step["strategy"], {})
+    return {
+        "scoring": scoring,
+        "summary": scoring_summary(scoring["details"]),
+        "datastore": {image_id: obj.get("image", {}).get("info", {}) for image_id, obj in objects.items()},
+        "samples": [first, second],
+        "label": saved,
+    }
+
+
 def run(plan: dict) -> dict:
     out_dir = Path(plan["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +135,8 @@ def run(plan: dict) -> dict:
     report["infer_slicer"] = infer_all(
         client, model, plan.get("infer_slicer", []), out_dir, "slicer", params=SLICER_INFER_PARAMS
     )
+    if "active_learning" in plan:
+        report["active_learning"] = active_learning(client, plan["url"], plan["active_learning"], plan["labels"])
     report["labels"] = [
         client.save_label(item["id"], item["file"], params={"label_info": item.get("label_info", [])})
         for item in plan.get("labels", [])

@@ -7,7 +7,9 @@ Run with the MONAI Label environment's Python (``monailabel/setup_env.sh`` creat
 1. The bundle is checked for what MONAI Label needs (``compat.py``); if it lacks any of it, the script stops with
    an error naming each missing piece, before it changes anything. The bundle is served as it is, never patched.
 2. The sample app comes from the MONAI Label package itself (``monailabel apps --download --name monaibundle``
-   copies it from the installed ``sample-apps`` folder; no network).
+   copies it from the installed ``sample-apps`` folder; no network). Its ``main.py`` is kept, unchanged, as
+   ``monaibundle_main.py``; the app's ``main.py`` becomes ``app_main.py`` of this folder (a subclass of the stock
+   app that adds active learning), with ``activelearning.py`` beside it. Both are refreshed on every run.
 3. ``bundle/`` is copied to ``<app>/model/breast_ultrasound_segmentation_classification`` (the folder name gives
    MONAI Label the task type, *segmentation*), without run outputs (``eval``, ``logs``, ``cache``, ``data``, saved
    split files). Weights: ``bundle/models/model.pt`` when present, else a freshly initialised network written to
@@ -37,6 +39,10 @@ BUNDLE_NAME = "breast_ultrasound_segmentation_classification"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IGNORE = shutil.ignore_patterns("eval", "logs", "cache", "data", "__pycache__", "*.pyc", "datalist_*.json", ".*")
 INITIALISED_MARKER = ".initialised"
+HERE = Path(__file__).resolve().parent
+STOCK_MAIN = "monaibundle_main.py"  # the stock app's main.py, loaded by ours (app_main.py)
+APP_CODE = {"app_main.py": "main.py", "activelearning.py": "activelearning.py"}  # this folder's file -> app's file
+APP_CLASS = "class BreastUltrasoundApp("  # tells our main.py from the stock one
 logger = logging.getLogger("prepare_app")
 
 
@@ -45,18 +51,36 @@ def digest(path: Path) -> str:
 
 
 def copy_sample_app(app: Path) -> None:
-    """Copy the stock monaibundle app out of the installed MONAI Label package (``monailabel apps --download``)."""
-    if (app / "main.py").is_file():
+    """Copy the stock monaibundle app out of the installed MONAI Label package (``monailabel apps --download``).
+
+    Its ``main.py`` goes to ``monaibundle_main.py``. An app prepared before this step existed has the stock
+    ``main.py`` still in place: it is renamed. What the app folder already holds (``model/``: fine-tuned weights)
+    is kept.
+    """
+    stock, main = app / STOCK_MAIN, app / "main.py"
+    if stock.is_file():
+        return
+    if main.is_file() and APP_CLASS not in main.read_text(encoding="utf-8"):
+        main.rename(stock)
         return
     app.parent.mkdir(parents=True, exist_ok=True)
-    if app.exists():
-        shutil.rmtree(app)
     staging = app.parent / f".{app.name}.download"
     shutil.rmtree(staging, ignore_errors=True)
     command = [sys.executable, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle"]
     subprocess.run([*command, "--output", str(staging)], check=True, stdout=subprocess.DEVNULL)
-    (staging / "monaibundle").rename(app)
-    staging.rmdir()
+    downloaded = staging / "monaibundle"
+    (downloaded / "main.py").rename(downloaded / STOCK_MAIN)
+    app.mkdir(exist_ok=True)
+    for item in downloaded.iterdir():
+        if not (app / item.name).exists():
+            item.rename(app / item.name)
+    shutil.rmtree(staging)
+
+
+def install_app_code(app: Path) -> None:
+    """Put this folder's ``app_main.py`` (as ``main.py``) and ``activelearning.py`` into the app."""
+    for source, target in APP_CODE.items():
+        shutil.copy2(HERE / source, app / target)
 
 
 def copy_bundle(source: Path, target: Path, fresh: bool) -> None:
@@ -102,6 +126,7 @@ def prepare(app: Path, bundle_source: Path, fresh: bool = False, check_bundle: b
         compat.check(bundle_source)
     app = app.resolve()
     copy_sample_app(app)
+    install_app_code(app)
     target = app / "model" / BUNDLE_NAME
     copy_bundle(bundle_source.resolve(), target, fresh)
     weights = "kept (existing copy)"

@@ -9,8 +9,9 @@ One module-scoped session starts the real server with the documented command (``
 127.0.0.1 and a free port, on generated studies (PNG, RGB PNG, JPG, single-slice NRRD, plus a single-slice NIfTI
 uploaded through the client), and runs ``monailabel/e2e_client.py`` in the server's environment: MONAI Label's own
 Python client (``monailabel.client.MONAILabelClient``, the one the Slicer module uses) calls info, infer (also with
-the parameters the Slicer module adds: an 8-bit NRRD result), save label, train (one epoch) and infer again. The
-tests below check what came back; the server is always stopped.
+the parameters the Slicer module adds: an 8-bit NRRD result), the active learning loop (uncertainty scoring, next
+sample, its label, next sample), save label, train (one epoch) and infer again. The tests below check what came
+back; the server is always stopped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +40,7 @@ MONAILABEL_DIR = REPO_ROOT / "monailabel"
 VENV = Path(os.environ.get("MONAILABEL_VENV", REPO_ROOT / ".venv-monailabel"))
 PYTHON = VENV / "bin" / "python"
 MODEL = "breast_ultrasound_segmentation_classification"
+SCORING, STRATEGY = "bundle_uncertainty", "uncertainty"  # monailabel/activelearning.py
 CLASS_NAMES = ("normal", "benign", "malignant")
 SEGMENT_NAMES = ["benign", "malignant"]  # label values 1 and 2
 SLICER_PLUGIN = VENV / "monailabel" / "plugins" / "slicer" / "MONAILabel"  # the module's code, as installed
@@ -161,8 +164,16 @@ def session(monailabel_env, tmp_path_factory):
     port = free_port()
     server_tmp = work / "server-tmp"
     server_tmp.mkdir()
+    # the generated studies are shapes, not breast ultrasound: the embedding check would rightly call them not
+    # assessable (tests/test_prediction_reliability.py covers it), so the served copy leaves it off
+    served = work / "bundle"
+    shutil.copytree(REPO_ROOT / "bundle", served, ignore=shutil.ignore_patterns("eval", "logs", "cache", "__pycache__"))
+    inference_config = served / "configs" / "inference.json"
+    config = {**json.loads(inference_config.read_text()), "max_embedding_distance": None}
+    inference_config.write_text(json.dumps(config))
     env = {
         **os.environ,
+        "MONAILABEL_BUNDLE": str(served),
         "MONAILABEL_VENV": str(VENV),
         "MONAILABEL_APP": str(app),
         "MONAI_LABEL_SESSION_PATH": str(work / "sessions"),
@@ -208,6 +219,8 @@ def session(monailabel_env, tmp_path_factory):
                 }
                 for image_id, case in by_id.items()
             ],
+            # force: score every image again, although MONAI Label's own scoring at start-up has just done it
+            "active_learning": {"scoring": SCORING, "params": {"force": True}, "strategy": STRATEGY, "timeout": 600},
             "train": {"max_epochs": 1, "val_split": 0.2},
             "train_timeout": 900,
             "infer_after": ["benign_1", "malignant_2"],
@@ -394,6 +407,92 @@ def test_slicer_module_has_no_colours_for_the_segment_names(monailabel_env):
         code = module_file.read_text(errors="replace")
         assert "GenericAnatomyColors.get(name.lower())" in code, "the module looks colours up differently now"
         assert "label_colors" not in code, "the module reads label_colors now: update bundle/docs/monailabel_slicer.md"
+
+
+def served_uncertainty(result: dict) -> tuple[float, str]:
+    """``uncertainty`` and ``status`` of an inference result (the bundle's contract with the active learning)."""
+    params = result["json"]
+    assert {"uncertainty", "status"} <= set(params), f"the bundle returns no uncertainty or status: {sorted(params)}"
+    assert 0 <= params["uncertainty"] <= 1 and params["status"] in ("ok", "not assessable"), params
+    return params["uncertainty"], params["status"]
+
+
+def most_uncertain_first(scores: dict[str, tuple[float, str]]) -> list[str]:
+    """The documented order: status "ok" before "not assessable", then uncertainty, highest first, then id."""
+    return sorted(scores, key=lambda image_id: (scores[image_id][1] != "ok", -scores[image_id][0], image_id))
+
+
+def test_info_offers_the_uncertainty_scoring_and_strategy(session):
+    info = session["report"]["info"]
+    assert SCORING in info["scoring"], info["scoring"]
+    assert list(info["strategies"])[0] == STRATEGY, "the uncertainty strategy should come first in Slicer's list"
+    assert {"random", "first"} <= set(info["strategies"]), "the stock strategies stay"
+
+
+def test_scoring_stores_the_uncertainty_that_inference_returns(session):
+    report = session["report"]
+    steps = report["active_learning"]
+    assert steps["scoring"]["status"] == "DONE", f"{steps['scoring']}\nserver log:\n{tail(session['log'])}"
+    summary, studies = steps["summary"], session["studies"]
+    assert summary["failed"] == [] and summary["unlabeled"] == summary["scored"] == len(studies), summary
+    weights = session["weights_before"][:16]  # scores say which weights gave them
+    assert summary["weights"] == weights, summary
+    for image_id in studies:
+        uncertainty, status = served_uncertainty(report["infer_before"][image_id])
+        stored = steps["datastore"][image_id]  # what GET /datastore shows
+        assert abs(stored["uncertainty"] - uncertainty) < 1e-4, (image_id, stored, uncertainty)
+        assert stored["uncertainty_status"] == status and stored["uncertainty_weights"] == weights, (image_id, stored)
+
+
+def test_next_sample_is_the_most_uncertain_unlabelled_image(session):
+    """Next sample, label it, next sample: each time the unlabelled image with the highest /infer uncertainty."""
+    report = session["report"]
+    steps = report["active_learning"]
+    scores = {image_id: served_uncertainty(report["infer_before"][image_id]) for image_id in session["studies"]}
+    first, second = steps["samples"]
+    assert steps["label"]["image"] == first["id"]
+    remaining = {image_id: score for image_id, score in scores.items() if image_id != first["id"]}
+    for sample, unlabelled in ((first, scores), (second, remaining)):
+        expected = most_uncertain_first(unlabelled)[0]
+        got = scores[sample["id"]]
+        # the server ranks its stored scores, /infer's up to float rounding: a near-tie may go either way
+        near_tie = got[1] == scores[expected][1] and abs(got[0] - scores[expected][0]) < 1e-4
+        assert sample["id"] == expected or near_tie, (sample, expected, unlabelled)
+        assert sample["uncertainty"] == steps["datastore"][sample["id"]]["uncertainty"], sample  # info comes along
+    assert second["id"] != first["id"]
+
+
+def test_uncertainty_contract_and_order(monailabel_env):
+    """``activelearning.py`` in the server's environment: a result out of the contract is a clear error; the order."""
+    code = """if True:
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("activelearning", sys.argv[1])
+        al = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(al)
+        errors = []
+        for result in ({"class": "benign"}, {"uncertainty": 1.5, "status": "ok"}, {"uncertainty": 0.2, "status": "?"}):
+            try:
+                al.read_uncertainty(result)
+            except al.UncertaintyContractError as error:
+                errors.append(str(error))
+        infos = {"c": {"uncertainty": 0.5, "uncertainty_status": "ok"}, "d": {},
+                 "b": {"uncertainty": 0.9, "uncertainty_status": "not assessable"},
+                 "a": {"uncertainty": 0.5, "uncertainty_status": "ok"},
+                 "e": {"uncertainty": 0.7, "uncertainty_status": "ok"}}
+        ok = al.read_uncertainty({"uncertainty": 0.25, "status": "not assessable"})
+        print(json.dumps({"errors": errors, "order": al.rank(infos), "ok": ok}))
+    """
+    result = subprocess.run(
+        [str(monailabel_env), "-c", code, str(MONAILABEL_DIR / "activelearning.py")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out["errors"]) == 3, out
+    assert "no 'uncertainty' and no 'status'" in out["errors"][0] and "update the served bundle" in out["errors"][0]
+    assert "[0, 1]" in out["errors"][1] and "'?'" in out["errors"][2]
+    assert out["order"] == ["e", "a", "c", "b", "d"]  # ok by uncertainty (ties by id), not assessable, unscored
+    assert out["ok"] == [0.25, "not assessable"]
 
 
 def test_training_from_saved_labels_updates_the_served_weights(session):
