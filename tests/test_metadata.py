@@ -184,7 +184,8 @@ def test_inference_and_training_build_the_same_network():
     inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
 
     def architecture(config: dict) -> dict:
-        return {k: v for k, v in config["network_def"].items() if k != "pretrained"}
+        # neither the pretrained switch nor the extra embedding output changes the weights
+        return {k: v for k, v in config["network_def"].items() if k not in ("pretrained", "return_embedding")}
 
     assert architecture(train) == architecture(inference), "model.pt from training must load into inference"
     assert inference["network_def"].get("pretrained", False) is False, "inference takes its weights from model.pt"

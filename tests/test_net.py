@@ -23,6 +23,22 @@ def test_output_shapes(size, config):
     assert outputs["cls"].shape == (2, 3)
 
 
+@pytest.mark.parametrize("config, width", [(TINY, 16), (LITE, 112)], ids=["residual", "lite0"])
+def test_embedding_holds_the_texture_statistics_of_a_mid_level_stage(config, width):
+    torch.manual_seed(0)
+    net = MultiTaskResUNet(**config).eval()
+    image = torch.randn(2, 1, 64, 64)
+    plain = net(image)
+    net.return_embedding = True
+    outputs = net(image)
+    stage = net.encoder(image)[-2]
+    assert outputs["embedding"].shape == (2, 2 * width)
+    torch.testing.assert_close(outputs["embedding"], torch.cat([stage.mean(dim=(2, 3)), stage.std(dim=(2, 3))], 1))
+    torch.testing.assert_close(outputs["cls"], plain["cls"])
+    scripted = torch.jit.script(net)
+    torch.testing.assert_close(scripted(image)["embedding"], outputs["embedding"])
+
+
 def test_encoder_features_follow_strides():
     encoder = ResidualEncoder(2, 1, channels=(4, 8, 16), strides=(1, 2, 2))
     features = encoder(torch.randn(1, 1, 32, 32))

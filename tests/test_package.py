@@ -67,7 +67,9 @@ def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def build_network(config: Path):
     parser = ConfigParser()
     parser.read_config(str(config))
-    return parser.get_parsed_content("network_def").eval()
+    network = parser.get_parsed_content("network_def").eval()
+    network.return_embedding = False  # as exported
+    return network
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,7 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
     nib.save(nib.Nifti1Image(image.T[:, :, None].astype(np.int16), np.diag([0.1, 0.1, 1, 1])), inputs / "scan.nii.gz")
     itk.imwrite(itk.image_from_array(image[None].astype(np.int16)), str(inputs / "scan.nrrd"))
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(inputs / "blank.png")
     out = tmp_path / "out"
     run_bundle(
         "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
@@ -99,8 +100,12 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
     )  # fmt: skip
     with open(out / "predictions.csv", newline="") as stream:
         rows = {Path(row["image"]).name: row for row in csv.DictReader(stream)}
-    assert set(rows) == {"scan (1).png", "scan.nii.gz", "scan.nrrd"}
+    assert set(rows) == {"scan (1).png", "scan.nii.gz", "scan.nrrd", "blank.png"}
     assert "broken.png" in (out / "skipped.csv").read_text()
+    blank = rows.pop("blank.png")
+    assert (blank["status"], blank["predicted_class"], blank["p_malignant"]) == ("not assessable", "", "")
+    assert "near-uniform" in blank["status_reason"]
+    assert not np.array(Image.open(out / "blank_seg.png")).any()
     maps = {
         "scan (1).png": np.array(Image.open(out / "scan (1)_seg.png")),
         "scan.nii.gz": np.asarray(nib.load(out / "scan_seg.nii.gz").dataobj)[:, :, 0].T,
@@ -111,6 +116,7 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
         assert label_map.shape == image.shape, name
         probabilities = [float(row[f"p_{c}"]) for c in ("normal", "benign", "malignant")]
         assert abs(sum(probabilities) - 1) < 1e-4
+        assert row["status"] == "ok" and 0.0 <= float(row["uncertainty"]) <= 1.0, name
         predicted = ["normal", "benign", "malignant"].index(row["predicted_class"])
         assert set(np.unique(label_map)) <= {0, predicted}, name  # the map agrees with the class
         assert Image.open(out / f"{Path(name).name.split('.')[0]}_overlay.png").size == image.shape[::-1]

@@ -125,6 +125,7 @@ def test_network_inputs_and_outputs_match_metadata(config):
     image = io["inputs"]["image"]
     assert all(isinstance(size, int) for size in image["spatial_shape"])
     net = parser.get_parsed_content("network_def").eval()
+    net.return_embedding = False  # metadata describes the exported network
     batch = 2
     x = torch.rand(batch, image["num_channels"], *image["spatial_shape"])
     x = x.to(get_equivalent_dtype(image["dtype"], torch.Tensor))

@@ -134,7 +134,8 @@ def predict_split(
 
     Returns:
         ``seg`` lesion probability ``(N, H, W)``, ``cls`` class probabilities ``(N, 3)``, ``label`` label maps
-        ``(N, H, W)``.
+        ``(N, H, W)``; per view (``V`` = 2 with ``tta``, else 1): ``views_seg`` ``(V, N, H, W)``, ``views_logits``
+        class log-probabilities ``(V, N, 3)``; ``embedding`` pooled bottleneck of the unflipped image ``(N, D)``.
     """
     parser = _parser(dataset_dir, {**overrides, "validate#split": split})
     preprocessing = parser.get_parsed_content("validate#preprocessing")
@@ -142,23 +143,35 @@ def predict_split(
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
     network.eval().to(memory_format=torch.channels_last)
+    network.return_embedding = True
     autocast = resolve_amp(parser["amp"], "cpu")
-    seg, cls, labels = [], [], []
+    views_seg, views_logits, embeddings, labels = [], [], [], []
     for start in range(0, len(items), 16):
         batch = [preprocessing(item) for item in items[start : start + 16]]
         images = torch.stack([b["image"].as_tensor() for b in batch]).contiguous(memory_format=torch.channels_last)
         views = [images, images.flip(2)] if tta else [images]
-        seg_sum, cls_sum = 0.0, 0.0
+        seg, logits = [], []
         for index, view in enumerate(views):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 out = network(view)
             seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0]
-            seg_sum = seg_sum + (seg_prob.flip(1) if index == 1 else seg_prob)
-            cls_sum = cls_sum + torch.softmax(out["cls"].float(), dim=1)
-        seg.append(seg_sum / len(views))
-        cls.append(cls_sum / len(views))
+            seg.append(seg_prob.flip(1) if index == 1 else seg_prob)
+            logits.append(torch.log_softmax(out["cls"].float(), dim=1))
+            if index == 0:
+                embeddings.append(out["embedding"].float())
+        views_seg.append(torch.stack(seg))
+        views_logits.append(torch.stack(logits))
         labels += [b["label"].as_tensor()[0] for b in batch]
-    return {"seg": torch.cat(seg).numpy(), "cls": torch.cat(cls).numpy(), "label": torch.stack(labels).numpy()}
+    seg_all, logits_all = torch.cat(views_seg, dim=1), torch.cat(views_logits, dim=1)
+    return {
+        "seg": seg_all.mean(0).numpy(),
+        "cls": logits_all.exp().mean(0).numpy(),
+        "label": torch.stack(labels).numpy(),
+        "views_seg": seg_all.numpy(),
+        "views_logits": logits_all.numpy(),
+        "embedding": torch.cat(embeddings).numpy(),
+        "images": [str(item["image"]) for item in items],
+    }
 
 
 def score(

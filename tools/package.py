@@ -40,7 +40,8 @@ LARGE_FILE_LIMIT_MB = 25
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 TOP_LEVEL_FILES = ("LICENSE",)
 TOP_LEVEL_DIRS = ("configs", "scripts", "docs", "models")
-MODEL_FILES = ("model.pt", "model.ts", "model.onnx")
+MODEL_FILES = ("model.pt", "model.ts", "model.onnx", "embedding_stats.pt")
+KEPT_MODEL_FILES = ("model.pt", "embedding_stats.pt")  # re-exports replace the others
 REQUIRED_FILES = (
     "LICENSE",
     "configs/metadata.json",
@@ -58,6 +59,7 @@ SKIPPED_SUFFIXES = (".pyc", ".pyo")
 TORCHSCRIPT_EXPORT = [
     "ckpt_export", "network_def", "--filepath", "models/model.ts", "--ckpt_file", "models/model.pt",
     "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--key_in_ckpt", "model",
+    "--network_def#return_embedding", "False",
 ]  # fmt: skip
 ONNX_CONVERTER_KWARGS = {
     "dynamo": False,  # the torch.export-based exporter needs onnxscript; the TorchScript-based one does not
@@ -70,6 +72,7 @@ ONNX_EXPORT = [
     "onnx_export", "network_def", "--filepath", "models/model.onnx", "--ckpt_file", "models/model.pt",
     "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json", "--key_in_ckpt", "model",
     "--use_trace", "True", "--converter_kwargs", json.dumps(ONNX_CONVERTER_KWARGS),
+    "--network_def#return_embedding", "False",
 ]  # fmt: skip
 
 
@@ -184,7 +187,7 @@ def stage_bundle(
         if relative.parts[0] == "configs" and path.name.startswith("datalist") and path.name not in keep_datalists:
             return False
         if relative.parts[0] == "models":
-            return path.name == "model.pt" or (not export and path.name in MODEL_FILES)
+            return path.name in KEPT_MODEL_FILES or (not export and path.name in MODEL_FILES)
         return True
 
     for name in TOP_LEVEL_DIRS:

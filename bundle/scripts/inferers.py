@@ -77,16 +77,21 @@ class AutocastInferer(Inferer):
             logged once (see :func:`resolve_amp`); ``True`` / ``False`` (or their text) force it on or off.
         dtype: ``"bfloat16"`` or ``"float16"`` (float16 on CUDA only; it needs a gradient scaler to train).
         channels_last: convert inputs to channels-last memory format (convert the network too); text is accepted.
+        flip_views: also run the network on the image mirrored along its first spatial axis and return, for a dict
+            output, each output mirrored back under ``<key>_flipped`` (the outputs themselves stay those of the
+            image as given); ``scripts.reliability`` measures the uncertainty from the two views.
     """
 
     def __init__(
-        self, enabled: bool | str = AUTO, dtype: str = "bfloat16", channels_last: bool | str = True
-    ) -> None:
+        self, enabled: bool | str = AUTO, dtype: str = "bfloat16", channels_last: bool | str = True,
+        flip_views: bool | str = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.amp = enabled if str(enabled).strip().lower() == AUTO else as_bool(enabled, "enabled")
         self.dtype_name = dtype
         self.dtype = look_up_option(dtype, AUTOCAST_DTYPES)
         self.channels_last = as_bool(channels_last, "channels_last")
+        self.flip_views = as_bool(flip_views, "flip_views")
         self.enabled: bool | None = None if self.amp == AUTO else self.amp
 
     def _resolve(self, device_type: str) -> bool:
@@ -118,6 +123,12 @@ class AutocastInferer(Inferer):
         enabled = self._resolve(inputs.device.type)
         with torch.autocast(device_type=inputs.device.type, dtype=self.dtype, enabled=enabled):
             outputs = network(inputs, *args, **kwargs)
-        if isinstance(outputs, dict):
-            return {key: value.float() for key, value in outputs.items()}
-        return outputs.float()
+            flipped = network(inputs.flip(2), *args, **kwargs) if self.flip_views else None
+        if not isinstance(outputs, dict):
+            return outputs.float()
+        outputs = {key: value.float() for key, value in outputs.items()}
+        if flipped is not None:
+            for key, value in flipped.items():
+                spatial = value.ndim == inputs.ndim
+                outputs[f"{key}_flipped"] = (value.flip(2) if spatial else value).float()
+        return outputs

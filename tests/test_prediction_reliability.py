@@ -1,0 +1,119 @@
+"""Per-image reliability: the input check, the uncertainty score, the embedding distance and the status."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts.reliability import (
+    NOT_ASSESSABLE,
+    STATUS_OK,
+    InputCheckd,
+    PredictionReliabilityd,
+    image_problem,
+    mahalanobis_distance,
+    normalized_entropy,
+)
+from scripts.transforms import LesionLabelMapd, MonaiLabelOutputd
+
+
+def ultrasound_like(shape=(120, 160), scale=255.0, offset=0.0) -> torch.Tensor:
+    rng = np.random.default_rng(0)
+    speckle = rng.rayleigh(0.25, shape) * np.linspace(1.0, 0.3, shape[0])[:, None]
+    return torch.as_tensor(offset + scale * np.clip(speckle, 0, 1), dtype=torch.float32)[None]
+
+
+@pytest.mark.parametrize(
+    "image, reason",
+    [
+        (torch.zeros(1, 400, 500), "near-uniform"),
+        (torch.full((1, 300, 300), 128.0), "near-uniform"),
+        (torch.full((1, 3, 3), 128.0), "smaller than 32"),
+        (128.0 + torch.randn(1, 200, 200, generator=torch.Generator().manual_seed(0)), "near-uniform"),
+    ],
+)
+def test_blank_and_tiny_images_are_not_assessable(image, reason):
+    assert reason in image_problem(image)
+
+
+@pytest.mark.parametrize("scale, offset", [(255.0, 0.0), (65535.0, 0.0), (1.0, 0.0), (2000.0, -1000.0)])
+def test_images_with_content_pass_whatever_their_intensity_range(scale, offset):
+    assert image_problem(ultrasound_like(scale=scale, offset=offset)) == ""
+
+
+def test_input_check_transform_records_the_reason_and_keeps_the_image():
+    image = torch.zeros(1, 64, 64)
+    out = InputCheckd(keys="image")({"image": image})
+    assert out["image"] is image and "near-uniform" in out["input_problem"]
+    assert InputCheckd(keys="image")({"image": ultrasound_like()})["input_problem"] == ""
+
+
+def test_normalized_entropy_is_zero_when_certain_and_one_when_uniform():
+    probs = torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]])
+    np.testing.assert_allclose(normalized_entropy(probs), [0.0, 1.0, math.log(2) / math.log(3)], atol=1e-6)
+
+
+def test_mahalanobis_distance_with_a_diagonal_precision():
+    mean, precision = torch.tensor([1.0, -1.0]), torch.diag(torch.tensor([4.0, 1.0]))
+    embeddings = torch.tensor([[1.0, -1.0], [2.0, -1.0], [1.0, 2.0]])
+    np.testing.assert_allclose(mahalanobis_distance(embeddings, mean, precision), [0.0, 2.0, 3.0], atol=1e-6)
+
+
+@pytest.fixture
+def stats_file(tmp_path):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"weights")
+    path = tmp_path / "embedding_stats.pt"
+    torch.save({"mean": torch.zeros(4), "precision": torch.eye(4),
+                "ckpt_sha256": hashlib.sha256(b"weights").hexdigest()}, path)  # fmt: skip
+    return path, checkpoint
+
+
+def item(embedding, problem="") -> dict:
+    return {"cls": torch.tensor([0.1, 0.3, 0.6]), "embedding": torch.as_tensor(embedding), "input_problem": problem}
+
+
+def test_status_follows_the_input_check_and_the_embedding_distance(stats_file):
+    path, checkpoint = stats_file
+    reliability = PredictionReliabilityd(embedding_stats=str(path), max_distance=1.0, checkpoint=str(checkpoint))
+    near = reliability(item([0.5, 0.0, 0.0, 0.0]))
+    far = reliability(item([2.0, 0.0, 0.0, 0.0]))
+    blank = reliability(item([0.0, 0.0, 0.0, 0.0], problem="near-uniform image"))
+    assert (near["status"], near["status_reason"]) == (STATUS_OK, "")
+    assert near["embedding_distance"] == pytest.approx(0.5)
+    assert far["status"] == NOT_ASSESSABLE and "unlike the training images" in far["status_reason"]
+    assert blank["status"] == NOT_ASSESSABLE and blank["status_reason"] == "near-uniform image"
+    expected = float(normalized_entropy(torch.tensor([0.1, 0.3, 0.6])))
+    assert near["uncertainty"] == pytest.approx(expected) and 0.0 < expected < 1.0
+
+
+def test_statistics_of_other_weights_are_not_used(stats_file, tmp_path, caplog):
+    path, _ = stats_file
+    retrained = tmp_path / "retrained.pt"
+    retrained.write_bytes(b"other weights")
+    with caplog.at_level(logging.WARNING):
+        reliability = PredictionReliabilityd(embedding_stats=str(path), max_distance=1.0, checkpoint=str(retrained))
+    out = reliability(item([5.0, 0.0, 0.0, 0.0]))
+    assert out["status"] == STATUS_OK and math.isnan(out["embedding_distance"])
+    assert "fitted for other weights" in caplog.text
+
+
+def test_an_image_that_is_not_assessable_gets_no_lesion_and_no_class():
+    seg = torch.zeros(3, 8, 8)
+    seg[0], seg[2] = 0.1, 0.9  # every pixel is lesion
+    data = {"pred": seg, "cls": torch.tensor([0.1, 0.2, 0.7]), "status": NOT_ASSESSABLE,
+            "status_reason": "near-uniform image", "uncertainty": 0.8,
+            "image": MetaTensor(torch.zeros(1, 8, 8), meta={"spatial_shape": [8, 8], "filename_or_obj": "a.png"})}
+    out = LesionLabelMapd(status_key="status")(data)
+    assert not out["seg_pred"].any() and int(out["cls_pred"]) == -1
+    result = MonaiLabelOutputd()(out)["result"]
+    assert (result["class"], result["class_index"], result["probabilities"]) == (None, -1, {})
+    assert (result["status"], result["uncertainty"]) == (NOT_ASSESSABLE, 0.8)
+    assessed = LesionLabelMapd(status_key="status")({**data, "status": STATUS_OK})
+    assert int(assessed["cls_pred"]) == 2 and set(assessed["seg_pred"].unique().tolist()) == {2}
