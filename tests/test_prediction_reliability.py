@@ -18,6 +18,7 @@ from scripts.reliability import (
     PredictionReliabilityd,
     image_problem,
     mahalanobis_distance,
+    mask_disagreement,
     normalized_entropy,
 )
 from scripts.transforms import LesionLabelMapd, MonaiLabelOutputd
@@ -117,3 +118,22 @@ def test_an_image_that_is_not_assessable_gets_no_lesion_and_no_class():
     assert (result["status"], result["uncertainty"]) == (NOT_ASSESSABLE, 0.8)
     assessed = LesionLabelMapd(status_key="status")({**data, "status": STATUS_OK})
     assert int(assessed["cls_pred"]) == 2 and set(assessed["seg_pred"].unique().tolist()) == {2}
+
+
+def test_mask_disagreement_is_one_minus_the_dice_of_the_two_views_masks():
+    left, right, empty = torch.zeros(8, 8), torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :4], right[:, 2:6] = 0.9, 0.9  # 32 pixels each, 16 shared
+    assert mask_disagreement(left, left) == pytest.approx(0.0)
+    assert mask_disagreement(left, right) == pytest.approx(0.5)
+    assert mask_disagreement(left, empty) == pytest.approx(1.0)
+    assert mask_disagreement(empty, empty) == pytest.approx(0.0)
+
+
+def test_uncertainty_with_two_views_adds_their_mask_disagreement():
+    seg, seg_flipped = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    seg[0], seg_flipped[0] = 1.0, 1.0
+    seg[0, :, :4], seg_flipped[0, :, 2:6] = 0.1, 0.1  # lesion masks half overlapping: disagreement 0.5
+    probs = torch.tensor([0.1, 0.3, 0.6])
+    item = {"cls": probs, "cls_flipped": probs, "pred": seg, "pred_flipped": seg_flipped}
+    out = PredictionReliabilityd()(item)
+    assert out["uncertainty"] == pytest.approx((float(normalized_entropy(probs)) + 0.5) / 2)

@@ -46,7 +46,7 @@ import ablate  # noqa: E402
 BUNDLE = ablate.BUNDLE
 sys.path.insert(0, str(BUNDLE))
 from scripts.metrics import lesion_dice_iou  # noqa: E402
-from scripts.reliability import mahalanobis_distance, normalized_entropy  # noqa: E402
+from scripts.reliability import mahalanobis_distance, mask_disagreement, normalized_entropy  # noqa: E402
 
 CONFIGS = BUNDLE / "configs"
 STATS_FILE = BUNDLE / "models" / "embedding_stats.pt"
@@ -109,9 +109,8 @@ def uncertainty_scores(outputs: dict, temperature: float) -> dict[str, np.ndarra
     """Candidate per-image uncertainty scores (higher: less certain) from :func:`ablate.predict_split` outputs."""
     views = softmax(outputs["views_logits"], temperature)  # (V, N, C)
     single, averaged = views[0], views.mean(axis=0)
-    masks = outputs["views_seg"] > 0.5
-    seg_disagreement = np.array([1.0 - lesion_dice_iou(a, b)[0] if (a.any() or b.any()) else 0.0
-                                 for a, b in zip(masks[0], masks[-1])])  # fmt: skip
+    seg_disagreement = np.array([mask_disagreement(torch.as_tensor(a), torch.as_tensor(b))
+                                 for a, b in zip(outputs["views_seg"][0], outputs["views_seg"][-1])])  # fmt: skip
     return {
         "entropy": _entropy(single),
         "one_minus_max_probability": 1.0 - single.max(axis=1),

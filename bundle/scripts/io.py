@@ -21,6 +21,7 @@ from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.utils import optional_import
 from PIL import Image
 
+from .reliability import reliability_fields
 from .transforms import CLASS_NAMES, pil_to_supported_mode
 
 itk, _ = optional_import("itk")
@@ -516,10 +517,7 @@ class PredictionWriter:
         row.update({f"p_{name}": round(float(p), 6) if assessed else None
                     for name, p in zip(self.class_names, probabilities)})  # fmt: skip
         row["lesion_pixels"] = int((label_map > 0).sum())
-        for key in self.reliability_keys:
-            if key in item:
-                value = item[key]
-                row[key] = round(float(value), 6) if isinstance(value, float) else value
+        row.update(reliability_fields(item, self.reliability_keys))
         return row
 
     def write_batch(self, engine) -> None:

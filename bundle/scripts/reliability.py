@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from monai.config import KeysCollection
+from monai.metrics import compute_dice
 from monai.transforms import MapTransform
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "mahalanobis_distance",
     "mask_disagreement",
     "normalized_entropy",
+    "reliability_fields",
 ]
 
 STATUS_OK = "ok"
@@ -117,11 +119,17 @@ def _load_statistics(path: str | None, checkpoint: str | None) -> tuple[torch.Te
     return stats["mean"].float(), stats["precision"].float()
 
 
-def mask_disagreement(seg: torch.Tensor, seg_other: torch.Tensor, threshold: float = 0.5) -> float:
-    """1 - Dice between the lesion masks (background probability below ``1 - threshold``) of two views."""
-    a, b = (1.0 - seg[0]) > threshold, (1.0 - seg_other[0]) > threshold
-    total = int(a.sum() + b.sum())
-    return 0.0 if total == 0 else 1.0 - 2.0 * int((a & b).sum()) / total
+def mask_disagreement(lesion: torch.Tensor, lesion_other: torch.Tensor, threshold: float = 0.5) -> float:
+    """1 - Dice between the lesion masks (lesion probability above ``threshold``) of two views; 0 when both are
+    empty (MONAI's ``compute_dice`` with ``ignore_empty=False``)."""
+    masks = [(torch.as_tensor(m) > threshold).reshape(1, 1, -1).float() for m in (lesion, lesion_other)]
+    return 1.0 - float(compute_dice(*masks, include_background=True, ignore_empty=False))
+
+
+def reliability_fields(item: Mapping[Hashable, object], keys: Sequence[str]) -> dict[str, object]:
+    """The reliability values of one item as plain JSON/CSV values (floats rounded), for the keys it holds."""
+    return {key: round(float(item[key]), 6) if isinstance(item[key], float) else item[key]
+            for key in keys if key in item}  # fmt: skip
 
 
 class PredictionReliabilityd(MapTransform):
@@ -188,7 +196,7 @@ class PredictionReliabilityd(MapTransform):
             return float(normalized_entropy(probs))
         mean = (probs + torch.as_tensor(d[flipped_cls]).detach().float().cpu().reshape(-1)) / 2
         seg, seg_flipped = (torch.as_tensor(d[k]).detach().float().cpu() for k in (self.seg_key, flipped_seg))
-        return float((normalized_entropy(mean) + mask_disagreement(seg, seg_flipped)) / 2)
+        return float((normalized_entropy(mean) + mask_disagreement(1.0 - seg[0], 1.0 - seg_flipped[0])) / 2)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)

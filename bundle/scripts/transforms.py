@@ -19,7 +19,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
-from .reliability import STATUS_OK
+from .reliability import STATUS_OK, reliability_fields
 
 __all__ = [
     "CLASS_NAMES",
@@ -564,10 +564,7 @@ class MonaiLabelOutputd(MapTransform):
             if predicted >= 0 else {},
             "lesion_pixels": int((label_map > 0).sum()),
         }
-        for key in self.reliability_keys:
-            if key in d:
-                value = d[key]
-                d[self.result_key][key] = round(float(value), 6) if isinstance(value, float) else value
+        d[self.result_key].update(reliability_fields(d, self.reliability_keys))
         if self.label_colors is not None:
             d[self.result_key]["label_colors"] = {name: list(rgb) for name, rgb in self.label_colors.items()}
         return d
