@@ -158,18 +158,26 @@ def main() -> None:
             url, ids = args.url.rstrip("/"), args.ids
         else:
             ids = write_studies(work / "studies")
-            server, url = monailabel_server.start(work / "studies", work)
+            # no uncertainty scoring of the studies at start-up: it would run beside the measured requests
+            server, url = monailabel_server.start(
+                work / "studies", work, env={"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+            )
         from monailabel.client import MONAILabelClient
 
         ids = ids or sorted(MONAILabelClient(url).datastore()["objects"])
         pid = server_pid(url, server)
         result: dict = {"url": url, "images": len(ids), "cores": os.cpu_count(), "load_before": load()}
 
-        run_requests(url, ids, args.warmup, 0, str(work))
+        # the client's own result folder: the server (TMPDIR=work) deletes its temporary result files after sending
+        # them, and the client saves each result under the server's file name, so in a shared folder the server's
+        # clean-up could delete the client's copy before the client reads it
+        client_folder = work / "client_sequential"
+        client_folder.mkdir(exist_ok=True)
+        run_requests(url, ids, args.warmup, 0, str(client_folder))
         result["memory_after_warmup"] = memory(pid)
 
         start = time.perf_counter()
-        latencies, server_side, errors = run_requests(url, ids, args.sequential, 0, str(work))
+        latencies, server_side, errors = run_requests(url, ids, args.sequential, 0, str(client_folder))
         result["sequential"] = summary(latencies, server_side, errors, time.perf_counter() - start, args.sequential)
         result["memory_after_sequential"] = memory(pid)
 

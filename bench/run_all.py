@@ -124,6 +124,7 @@ def run_inference(folder: Path, checkpoint: Path, work: Path, repeats: int) -> d
         "folder_default": (folder, []),
         "folder_batch16_workers2": (folder, ["--batch_size", "16", "--num_workers", "2"]),
         "folder_fp32": (folder, ["--amp", "False", "--channels_last", "False"]),
+        "folder_onnxruntime": (folder, ["--backend", "onnxruntime"]),
         "single_image": (sorted(folder.iterdir())[0], []),
     }
     results = {}

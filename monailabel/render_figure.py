@@ -88,7 +88,8 @@ def main() -> None:
 
     server, url = server_module.start(studies, work, env={"MONAILABEL_BUNDLE": str(bundle)})
     try:
-        client = MONAILabelClient(url, tmpdir=str(work))
+        # not the server's TMPDIR (work): the server deletes its temporary result file, whose name the client reuses
+        client = MONAILabelClient(url, tmpdir=tempfile.mkdtemp(dir=work))
         path, result = client.infer(MODEL, "synthetic_benign", {})
         predicted = np.asarray(Image.open(path))
     finally:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inferers import AutocastInferer, as_bool
+from scripts.inferers import AutocastInferer, OnnxRuntimeNetwork, as_bool, select_backend
 from scripts.net import MultiTaskResUNet
 
 from .conftest import REPO_ROOT
@@ -112,6 +112,35 @@ def test_onnxruntime_matches_eager(network, batch):
     assert pred.shape == (batch, 3, *SIZE) and cls.shape == (batch, 3)
     np.testing.assert_allclose(pred, expected["pred"].numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(cls, expected["cls"].numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_select_backend(network):
+    assert select_backend(network, "torch") is network
+    with pytest.raises(ValueError):
+        select_backend(network, "tensorrt")
+
+
+def test_onnxruntime_backend_exports_the_weights_loaded_after_wrapping(network):
+    """The bundle's ``backend: onnxruntime``: the CheckpointLoader fills the network after the config built the
+    wrapper, so the export must happen at the first call, with the loaded weights and every output."""
+    pytest.importorskip("onnxruntime")
+    fresh = MultiTaskResUNet(**TINY, return_embedding=True)
+    wrapped = select_backend(fresh, "onnxruntime")
+    assert isinstance(wrapped, OnnxRuntimeNetwork)
+    fresh.load_state_dict(network.state_dict())
+    x = inputs(2)
+    expected = eager(fresh.eval(), x)
+    inferer = AutocastInferer(enabled=False, channels_last=True, flip_views=True)
+    with torch.no_grad():
+        found = inferer(x, wrapped.eval())
+        reference = inferer(x, fresh)
+    assert set(found) == set(reference) == {"pred", "cls", "embedding", "pred_flipped", "cls_flipped",
+                                            "embedding_flipped"}  # fmt: skip
+    for key in found:
+        torch.testing.assert_close(found[key], reference[key], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(found["cls"], expected["cls"], atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert wrapped(inputs(3))["pred"].shape == (3, 3, *SIZE)  # dynamic batch axis
 
 
 def test_bf16_channels_last_inferer_is_close_to_float32(network):

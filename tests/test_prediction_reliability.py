@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -137,3 +138,47 @@ def test_uncertainty_with_two_views_adds_their_mask_disagreement():
     item = {"cls": probs, "cls_flipped": probs, "pred": seg, "pred_flipped": seg_flipped}
     out = PredictionReliabilityd()(item)
     assert out["uncertainty"] == pytest.approx((float(normalized_entropy(probs)) + 0.5) / 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_network() -> torch.nn.Module:
+    from scripts.net import MultiTaskResUNet
+
+    torch.manual_seed(0)
+    return MultiTaskResUNet(channels=(8, 16, 32, 64), strides=(2, 2, 2, 2), decoder_channels=(32, 16, 8, 8)).eval()
+
+
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_class_activation_map_is_monai_gradcam_of_the_predicted_class(tiny_network, grad_mode):
+    from monai.visualize import GradCAM
+
+    from scripts.reliability import ClassActivationMapd, _ClassLogits
+
+    image = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = torch.zeros(1, 96, 128)
+    before = {k: v.clone() for k, v in tiny_network.state_dict().items()}
+    explain = ClassActivationMapd(tiny_network, enabled="true")
+    with grad_mode():  # as inside the engine
+        maps = [explain({"image": image, "cls_pred": torch.tensor(c), "display_image": reference})["cam"]
+                for c in (1, 2)]  # fmt: skip
+    for c, heat in zip((1, 2), maps):
+        assert heat.shape == (1, 96, 128) and 0.0 <= float(heat.min()) and float(heat.max()) <= 1.0
+        gradcam = GradCAM(_ClassLogits(copy.deepcopy(tiny_network)), target_layers="network.encoder.stages.3")
+        expected = gradcam(image[None], class_idx=c)
+        expected = torch.nn.functional.interpolate(expected, size=(96, 128), mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(heat, expected.detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(maps[0], maps[1])  # the map follows the class
+    for key, value in tiny_network.state_dict().items():  # the network itself is left as it was
+        assert torch.equal(value, before[key]), key
+    assert not any(m._forward_hooks or m._backward_hooks for m in tiny_network.modules())
+
+
+def test_class_activation_map_off_or_without_a_class(tiny_network):
+    from scripts.reliability import ClassActivationMapd
+
+    data = {"image": torch.randn(1, 64, 64), "cls_pred": torch.tensor(2), "display_image": torch.zeros(1, 64, 64)}
+    assert "cam" not in ClassActivationMapd(tiny_network)(data)  # off by default
+    assert "cam" not in ClassActivationMapd(tiny_network, enabled=True)({**data, "cls_pred": torch.tensor(-1)})
+    named = ClassActivationMapd(tiny_network, enabled=True, layer="encoder.stages.2")(data)["cam"]
+    default = ClassActivationMapd(tiny_network, enabled=True)(data)["cam"]
+    assert named.shape == (1, 64, 64) and not torch.allclose(named, default)

@@ -96,11 +96,15 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
     out = tmp_path / "out"
     run_bundle(
         "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
-        "--ckpt_path", str(work / "models" / "model.pt"), *TINY_NETWORK,
+        "--ckpt_path", str(work / "models" / "model.pt"), "--explanation_maps", "true", *TINY_NETWORK,
     )  # fmt: skip
     with open(out / "predictions.csv", newline="") as stream:
         rows = {Path(row["image"]).name: row for row in csv.DictReader(stream)}
     assert set(rows) == {"scan (1).png", "scan.nii.gz", "scan.nrrd", "blank.png"}
+    assert rows["blank.png"]["explanation_map"] == "" and not (out / "blank_cam.png").exists()
+    for name in ("scan (1).png", "scan.nii.gz", "scan.nrrd"):
+        heat_map = Image.open(rows[name]["explanation_map"])
+        assert heat_map.size == image.shape[::-1] and heat_map.mode == "RGB", name
     assert "broken.png" in (out / "skipped.csv").read_text()
     blank = rows.pop("blank.png")
     assert (blank["status"], blank["predicted_class"], blank["p_malignant"]) == ("not assessable", "", "")
@@ -122,6 +126,32 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
         assert Image.open(out / f"{Path(name).name.split('.')[0]}_overlay.png").size == image.shape[::-1]
     np.testing.assert_array_equal(maps["scan.nii.gz"], maps["scan (1).png"])
     np.testing.assert_array_equal(maps["scan.nrrd"], maps["scan (1).png"])
+
+
+def test_inference_onnxruntime_backend_writes_the_same_predictions(trained, synthetic_dataset, tmp_path):
+    pytest.importorskip("onnxruntime")
+    work, _ = trained
+    inputs = tmp_path / "images"
+    inputs.mkdir()
+    for path in sorted(synthetic_dataset.glob("*/* (1).png")):
+        (inputs / f"{path.parent.name}.png").write_bytes(path.read_bytes())
+    tables = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / backend
+        run_bundle(
+            "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
+            "--ckpt_path", str(work / "models" / "model.pt"), "--backend", backend, *TINY_NETWORK,
+        )  # fmt: skip
+        with open(out / "predictions.csv", newline="") as stream:
+            tables[backend] = {Path(row["image"]).name: row for row in csv.DictReader(stream)}
+    assert set(tables["torch"]) == set(tables["onnxruntime"]) == {"normal.png", "benign.png", "malignant.png"}
+    assert "explanation_map" not in tables["torch"]["normal.png"] and not list(tmp_path.glob("*/*_cam.png"))  # off
+    for name, expected in tables["torch"].items():
+        found = tables["onnxruntime"][name]
+        assert (found["predicted_class"], found["status"]) == (expected["predicted_class"], expected["status"]), name
+        for column in ("p_normal", "p_benign", "p_malignant", "uncertainty"):
+            assert abs(float(found[column]) - float(expected[column])) < 1e-4, (name, column)
+        assert abs(int(found["lesion_pixels"]) - int(expected["lesion_pixels"])) <= 2, name
 
 
 @pytest.mark.parametrize("balance", [0.0, 0.5, 1.0])

@@ -67,12 +67,30 @@ PRETRAINED_ENCODER = {"network_def#encoder": "efficientnet-lite0", "network_def#
 SCRATCH_ENCODER = {"network_def#encoder": "residual", "network_def#pretrained": False,
                    "network_def#channels": [16, 32, 64, 128, 256], "network_def#strides": [2, 2, 2, 2, 2],
                    "network_def#num_res_units": 2}  # fmt: skip
+
+
+def _with_ema(half_life_epochs: float = 2.0, steps_per_epoch: int = 34) -> dict:
+    """Overrides that keep an exponential moving average of the weights (ignite's ``EMAHandler``, buffers averaged
+    too) beside the trained ones and save it in ``checkpoint.pt`` as ``ema_model``, so that one run scores both.
+
+    The validator and the best-model selection still see the trained weights."""
+    handlers = json.loads(TRAIN_CONFIG.read_text())["train"]["handlers"]
+    for handler in handlers:
+        if handler["_target_"] == "scripts.handlers.TrainingCheckpoint":
+            handler["save_dict"]["ema_model"] = "$@ema_handler.ema_model"
+    momentum = 1.0 - 0.5 ** (1.0 / (half_life_epochs * steps_per_epoch))
+    ema_handler = {"_target_": "ignite.handlers.EMAHandler", "model": "@network", "momentum": momentum,
+                   "handle_buffers": "update"}  # fmt: skip
+    return {"ema_handler": ema_handler, "train#handlers": handlers + ["@ema_handler"]}
+
+
 # name -> overrides of train.json; seeds are added by ``run``
 RECIPE_0_2 = {"class_balance": 0.0, "train#random_transforms": "0.2", **SCRATCH_ENCODER}
 VARIANTS: dict[str, dict] = {
     "recipe_0.2": RECIPE_0_2,
     "recipe_0.3_scratch": SCRATCH_ENCODER,
     "recipe_0.3_pretrained": PRETRAINED_ENCODER,
+    "ema": {**PRETRAINED_ENCODER, **_with_ema()},
     # the ablations of version 0.2.0, on its recipe
     "multitask": RECIPE_0_2,
     "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
@@ -83,7 +101,7 @@ VARIANTS: dict[str, dict] = {
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "multitask", "segmentation_only",
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "multitask", "segmentation_only",
           "classification_only")
 
 
@@ -121,7 +139,12 @@ def _parser(dataset_dir: str, overrides: dict):
 
 @torch.no_grad()
 def predict_split(
-    dataset_dir: str, ckpt: str, overrides: dict, split: str = "validation", tta: bool = False
+    dataset_dir: str,
+    ckpt: str,
+    overrides: dict,
+    split: str = "validation",
+    tta: bool = False,
+    weights: str = "model",
 ) -> dict[str, np.ndarray]:
     """Probabilities of a checkpoint on one split of the datalist.
 
@@ -131,6 +154,7 @@ def predict_split(
         overrides: train.json overrides the checkpoint was trained with (image size, network).
         split: datalist split.
         tta: also predict the horizontally flipped image and average the probabilities.
+        weights: the checkpoint entry to load (``ema_model``: the moving average of the weights).
 
     Returns:
         ``seg`` lesion probability ``(N, H, W)``, ``cls`` class probabilities ``(N, 3)``, ``label`` label maps
@@ -141,7 +165,7 @@ def predict_split(
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     items = parser.get_parsed_content("validate#datalist")()
     network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)[weights])
     network.eval().to(memory_format=torch.channels_last)
     network.return_embedding = True
     autocast = resolve_amp(parser["amp"], "cpu")
@@ -280,6 +304,10 @@ def run(
             outputs = predict_split(dataset_dir, str(run_dir / "models" / "checkpoint.pt"), overrides)
             result = {"variant": name, "seed": seed, "overrides": overrides, "train_s": time.perf_counter() - started,
                       **score(outputs)}  # fmt: skip
+            if "ema_handler" in overrides:
+                ema = predict_split(dataset_dir, str(run_dir / "models" / "checkpoint.pt"), overrides,
+                                    weights="ema_model")  # fmt: skip
+                result["ema"] = score(ema)
             (run_dir / "scores.json").write_text(json.dumps(result, indent=2))
             print(json.dumps(result), flush=True)
 

@@ -9,7 +9,7 @@ import torch
 from monai.inferers import Inferer
 from monai.utils import look_up_option
 
-__all__ = ["AutocastInferer", "as_bool", "native_bf16", "resolve_amp"]
+__all__ = ["AutocastInferer", "OnnxRuntimeNetwork", "as_bool", "native_bf16", "resolve_amp", "select_backend"]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
@@ -132,3 +132,77 @@ class AutocastInferer(Inferer):
                 spatial = value.ndim == inputs.ndim
                 outputs[f"{key}_flipped"] = (value.flip(2) if spatial else value).float()
         return outputs
+
+
+class OnnxRuntimeNetwork(torch.nn.Module):
+    """Run a network through ONNX Runtime's CPU provider, with the network's own inputs and dict outputs.
+
+    At the first call the wrapped network, with the weights it holds then (a ``CheckpointLoader`` has loaded them
+    by the time the engine runs), is exported with MONAI's ``convert_to_onnx`` (TorchScript-based exporter,
+    opset 17, dynamic batch) and an inference session is built from it in memory. On a CPU without native bf16
+    it predicts about 1.5x (256 px) to 2.6x (128 px) faster than float32 PyTorch (``bench/``).
+
+    Args:
+        network: the network; its outputs must be a tensor or a dict of tensors.
+        threads: intra-op threads of the session; default: ``torch.get_num_threads()``.
+    """
+
+    def __init__(self, network: torch.nn.Module, threads: int | None = None) -> None:
+        super().__init__()
+        self.network = network
+        self.threads = threads
+        self.session: Any = None
+        self.output_names: list[str] = []
+        self.dict_outputs = True
+
+    def _build(self, inputs: torch.Tensor) -> None:
+        import onnxruntime
+        from monai.networks.utils import convert_to_onnx
+
+        self.network.eval()
+        with torch.no_grad():
+            outputs = self.network(inputs)
+        self.dict_outputs = isinstance(outputs, dict)
+        self.output_names = list(outputs) if self.dict_outputs else ["output"]
+        dynamic_axes = {name: {0: "batch"} for name in ["image", *self.output_names]}
+        model = convert_to_onnx(
+            self.network, (inputs,), input_names=["image"], output_names=self.output_names, opset_version=17,
+            dynamic_axes=dynamic_axes, dynamo=False,
+        )  # fmt: skip
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        threads = options.intra_op_num_threads
+        logger.info(f"backend: ONNX Runtime {onnxruntime.__version__}, CPU provider, {threads} threads")
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        """Predict a float32 batch ``(B, C, H, W)``; returns the network's outputs as float32 CPU tensors."""
+        inputs = inputs.float().cpu().contiguous()
+        if self.session is None:
+            self._build(inputs)
+        outputs = self.session.run(self.output_names, {"image": inputs.numpy()})
+        tensors = [torch.from_numpy(output) for output in outputs]
+        return dict(zip(self.output_names, tensors)) if self.dict_outputs else tensors[0]
+
+
+def select_backend(network: torch.nn.Module, backend: str = "torch") -> torch.nn.Module:
+    """The network itself for ``"torch"``, or wrapped in :class:`OnnxRuntimeNetwork` for ``"onnxruntime"``.
+
+    Args:
+        network: the PyTorch network the checkpoint is loaded into.
+        backend: ``"torch"`` or ``"onnxruntime"`` (CPU only; needs the ``onnxruntime`` package).
+
+    Returns:
+        What the engine should call.
+    """
+    backend = look_up_option(str(backend).strip().lower(), ("torch", "onnxruntime"))
+    if backend == "torch":
+        return network
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        raise ImportError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from error
+    return OnnxRuntimeNetwork(network)

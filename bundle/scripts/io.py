@@ -21,6 +21,7 @@ from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.utils import optional_import
 from PIL import Image
 
+from .inferers import as_bool
 from .reliability import reliability_fields
 from .transforms import CLASS_NAMES, pil_to_supported_mode
 
@@ -439,6 +440,27 @@ def save_overlay(
     return atomic_write(path, lambda tmp: cv2.imwrite(tmp, overlay) or (_ for _ in ()).throw(OSError(tmp)))
 
 
+def save_explanation(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike, caption: str = "") -> Path:
+    """Save a class-activation map as a heat map (blue low, red high) blended with the image.
+
+    Args:
+        image: ``(X, Y)`` image (any intensity range).
+        heat: ``(X, Y)`` map in [0, 1] of the same size.
+        path: output PNG file.
+        caption: text written in the top-left corner.
+
+    Returns:
+        The written path.
+    """
+    grey = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2BGR)
+    colours = cv2.applyColorMap(np.ascontiguousarray(np.clip(heat.T, 0, 1) * 255, dtype=np.uint8), cv2.COLORMAP_JET)
+    overlay = cv2.addWeighted(colours, 0.4, grey, 0.6, 0)
+    if caption:
+        scale = max(overlay.shape[1] / 600, 0.4)
+        cv2.putText(overlay, caption, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    return atomic_write(path, lambda tmp: cv2.imwrite(tmp, overlay) or (_ for _ in ()).throw(OSError(tmp)))
+
+
 class PredictionWriter:
     """Ignite handler that writes, per image, the label map, an overlay and a row of class probabilities.
 
@@ -448,6 +470,8 @@ class PredictionWriter:
     class and the probabilities of every image, and where the items carry them (``scripts.reliability``) its
     status, the reason of a "not assessable" status and the uncertainty; an image that is not assessable has no
     predicted class, no probabilities and an empty label map. Both tables are written when the run completes.
+    With ``explanation_maps``, items that carry a class-activation map also get ``<name>_cam.png`` (column
+    ``explanation_map``, empty where an image has none).
 
     Args:
         output_dir: output folder.
@@ -458,6 +482,8 @@ class PredictionWriter:
         cls_pred_key: key of the predicted class index.
         image_key: key of the image at the input's size, for overlays.
         reliability_keys: keys written as columns when the items carry them.
+        explanation_key: key of the ``(1, X, Y)`` class-activation map at the input's size.
+        explanation_maps: write the maps and their column (text is accepted).
     """
 
     def __init__(
@@ -470,6 +496,8 @@ class PredictionWriter:
         cls_pred_key: str = "cls_pred",
         image_key: str = "display_image",
         reliability_keys: Sequence[str] = ("status", "status_reason", "uncertainty"),
+        explanation_key: str = "cam",
+        explanation_maps: bool | str = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         root = Path(input_root).expanduser().resolve() if input_root else None
@@ -480,6 +508,8 @@ class PredictionWriter:
         self.cls_pred_key = cls_pred_key
         self.image_key = image_key
         self.reliability_keys = list(reliability_keys)
+        self.explanation_key = explanation_key
+        self.explanation_maps = as_bool(explanation_maps, "explanation_maps")
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
@@ -513,6 +543,11 @@ class PredictionWriter:
         display = torch.as_tensor(image)[0].float().cpu().numpy()
         overlay_path = save_overlay(display, label_map, f"{stem}_overlay.png", caption)
         row = {"image": source, "label_map": str(label_path), "overlay": str(overlay_path)}
+        if self.explanation_maps:
+            heat = item.get(self.explanation_key)
+            caption = f"Grad-CAM: {self.class_names[predicted]}" if assessed else ""
+            row["explanation_map"] = "" if heat is None else str(
+                save_explanation(display, torch.as_tensor(heat)[0].float().cpu().numpy(), f"{stem}_cam.png", caption))
         row["predicted_class"] = self.class_names[predicted] if assessed else ""
         row.update({f"p_{name}": round(float(p), 6) if assessed else None
                     for name, p in zip(self.class_names, probabilities)})  # fmt: skip

@@ -1,4 +1,5 @@
-"""How far to trust one prediction: whether the input can be assessed at all, and how uncertain the answer is.
+"""How far to trust one prediction: whether the input can be assessed at all, how uncertain the answer is, and
+which image regions drove the class (an optional Grad-CAM map).
 
 Only the parts that run at inference live here. Their parameters (the class-logit temperature, the training
 embedding statistics and the thresholds) are fitted on the validation split by ``tools/calibrate.py``, which also
@@ -7,6 +8,7 @@ measures them; the model card reports the numbers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -17,8 +19,12 @@ import torch
 from monai.config import KeysCollection
 from monai.metrics import compute_dice
 from monai.transforms import MapTransform
+from monai.visualize import GradCAM
+
+from .inferers import as_bool
 
 __all__ = [
+    "ClassActivationMapd",
     "NOT_ASSESSABLE",
     "STATUS_OK",
     "InputCheckd",
@@ -211,4 +217,74 @@ class PredictionReliabilityd(MapTransform):
             reason = f"unlike the training images (embedding distance {distance:.1f} > {self.max_distance:.1f})"
         d[self.status_key] = NOT_ASSESSABLE if reason else STATUS_OK
         d[self.reason_key] = reason
+        return d
+
+
+class _ClassLogits(torch.nn.Module):
+    """The class logits of a multi-task network alone, the single output MONAI's CAM classes expect."""
+
+    def __init__(self, network: torch.nn.Module, key: str = "cls") -> None:
+        super().__init__()
+        self.network = network
+        self.key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[self.key]
+
+
+class ClassActivationMapd(MapTransform):
+    """Grad-CAM (MONAI's ``GradCAM``) of the predicted class on the last encoder stage, the feature map the
+    classification head pools, resized to a reference image's size.
+
+    Computed on a copy of the network (Grad-CAM registers hooks on it), outside the engine's no-grad mode, with the
+    weights the network holds at the call. Images without a predicted class (``cls_pred`` < 0, not assessable) get no
+    map. It costs one more forward and backward pass per image.
+
+    Args:
+        network: the multi-task network (its encoder has ``stages``); the PyTorch one also with another back-end.
+        image_key: the preprocessed image, as the network saw it, ``(C, H, W)``.
+        cls_pred_key: predicted class index.
+        reference_key: image whose spatial size the map takes (the image at the input's size).
+        output_key: where the map goes, ``(1, X, Y)`` in [0, 1].
+        enabled: compute the map (text is accepted); off, the transform passes the data through.
+        layer: name of the network's module whose output is explained; default: the last encoder stage (the
+            bottleneck). Grad-CAM assumes non-negative activations (after a ReLU): the output of a linear layer,
+            such as EfficientNet's projections, can be negative where the class evidence is, and the map then
+            avoids the lesion.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        image_key: str = "image",
+        cls_pred_key: str = "cls_pred",
+        reference_key: str = "display_image",
+        output_key: str = "cam",
+        enabled: bool | str = False,
+        layer: str | None = None,
+    ) -> None:
+        super().__init__(keys=image_key)
+        self.network = network
+        self.image_key = image_key
+        self.cls_pred_key = cls_pred_key
+        self.reference_key = reference_key
+        self.output_key = output_key
+        self.enabled = as_bool(enabled, "enabled")
+        self.layer = layer
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        predicted = int(torch.as_tensor(d[self.cls_pred_key]).reshape(-1)[0]) if self.enabled else -1
+        if predicted < 0:
+            return d
+        with torch.inference_mode(False), torch.enable_grad():  # the engine predicts without autograd
+            network = copy.deepcopy(self.network).float()
+            layer = f"network.{self.layer or f'encoder.stages.{len(network.encoder.stages) - 1}'}"
+            cam = GradCAM(nn_module=_ClassLogits(network), target_layers=layer)
+            image = torch.as_tensor(d[self.image_key]).detach().float().clone()
+            image = image.to(next(network.parameters()).device)[None].requires_grad_(True)
+            heat = cam(image, class_idx=predicted)[0].detach()
+        size = torch.as_tensor(d[self.reference_key]).shape[1:]
+        heat = torch.nn.functional.interpolate(heat[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+        d[self.output_key] = heat.clamp(0.0, 1.0).cpu()
         return d
