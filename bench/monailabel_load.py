@@ -55,8 +55,8 @@ def write_studies(folder: Path, seed: int = 0) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(REPO_ROOT / "bundle"))
-    from scripts.synthetic import CLASSES, make_case
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    from synthetic import CLASSES, make_case
 
     folder.mkdir(parents=True, exist_ok=True)
     ids = []

@@ -11,7 +11,7 @@ inference train``), ``--quick`` shortens everything (a smoke run, not for the ta
 re-renders the table from the JSON files.
 
 Nothing derived from the dataset's pixels is written: the prediction benchmarks use generated images
-(``scripts.synthetic``) in a temporary folder.
+(``tools/synthetic.py``) in a temporary folder.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def measure(command: list[str], log: Path) -> dict:
 
 def synthetic_folder(root: Path, count: int) -> Path:
     """``count`` generated images of BUSI-like size (about 450-600 x 500-780 pixels), without masks."""
-    sys.path.insert(0, str(BUNDLE_ROOT))
-    from scripts import synthetic
+    sys.path.insert(0, str(BUNDLE_ROOT.parent / "tools"))
+    import synthetic
 
     synthetic.HEIGHT_RANGE, synthetic.WIDTH_RANGE = (450, 600), (500, 780)
     per_class = -(-count // 3)
@@ -125,6 +125,7 @@ def run_inference(folder: Path, checkpoint: Path, work: Path, repeats: int) -> d
         "folder_batch16_workers2": (folder, ["--batch_size", "16", "--num_workers", "2"]),
         "folder_fp32": (folder, ["--amp", "False", "--channels_last", "False"]),
         "folder_onnxruntime": (folder, ["--backend", "onnxruntime"]),
+        "folder_explanation_maps": (folder, ["--explanation_maps", "true"]),
         "single_image": (sorted(folder.iterdir())[0], []),
     }
     results = {}

@@ -70,9 +70,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     args = ap.parse_args()
 
-    sys.path.insert(0, str(REPO_ROOT / "bundle"))
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
     from monailabel.client import MONAILabelClient
-    from scripts.synthetic import make_case
+    from synthetic import make_case
 
     server_module = load_module(REPO_ROOT / "monailabel" / "server.py")
     work = Path(tempfile.mkdtemp(prefix="monailabel_figure_"))

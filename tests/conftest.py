@@ -17,8 +17,10 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 SHARED_DIR = REPO_ROOT.parent / "shared"
-if str(BUNDLE_ROOT) not in sys.path:
-    sys.path.insert(0, str(BUNDLE_ROOT))
+TOOLS_DIR = REPO_ROOT / "tools"
+for _path in (BUNDLE_ROOT, TOOLS_DIR):  # the bundle's scripts; tools/synthetic.py, the test-data generator
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 
 def load_tool(name: str) -> ModuleType:
@@ -32,7 +34,7 @@ def load_tool(name: str) -> ModuleType:
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory) -> Path:
     """A small generated dataset in the BUSI layout (12 images per class), shared by the session."""
-    from scripts.synthetic import generate_dataset
+    from synthetic import generate_dataset
 
     root = tmp_path_factory.mktemp("synthetic") / "Dataset_synthetic"
     generate_dataset(str(root), num_per_class=12, seed=0)

@@ -63,9 +63,27 @@ def test_variants_override_existing_config_entries(ablate):
                 node = node[part]
             # the residual encoder's widths are not in train.json, whose default encoder is EfficientNet-Lite0
             known = key.split("#")[-1] in node or key == "loss#class_weights" or key in ablate.SCRATCH_ENCODER
-            assert known, f"{name}: {key} not in train.json"
+            assert known or key == "ema_handler", f"{name}: {key} not in train.json"
     geometric = ablate._resolve(ablate.VARIANTS["geometric_augmentation_only"])["train#random_transforms"]
     assert [t["_target_"] for t in geometric] == ["RandAffined", "RandFlipd"]
+    ema = ablate.VARIANTS["ema"]
+    assert ema["train#handlers"][:-1] != config["train"]["handlers"] and ema["train#handlers"][-1] == "@ema_handler"
+    saver = [h for h in ema["train#handlers"][:-1] if h["_target_"].endswith("TrainingCheckpoint")][0]
+    assert saver["save_dict"]["ema_model"] == "$@ema_handler.ema_model"
+    assert 0.005 < ema["ema_handler"]["momentum"] < 0.02  # a half-life of two epochs of 34 steps
+
+
+def test_ece_of_a_perfectly_calibrated_sample():
+    spec = importlib.util.spec_from_file_location("calibrate", REPO_ROOT / "tools" / "calibrate.py")
+    calibrate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(calibrate)
+    certain = np.eye(3)[[0, 1, 2, 1] * 10]
+    assert calibrate.ece_sampling_floor(certain, draws=20)["mean"] == 0.0
+    unsure = np.tile([[0.2, 0.5, 0.3]], (116, 1))
+    floor = calibrate.ece_sampling_floor(unsure, draws=200)
+    assert 0.02 < floor["mean"] < 0.08 and floor["p95"] > floor["mean"]  # about sqrt(0.25 / 116) = 0.046
+    labels = np.full(116, 1)
+    assert abs(calibrate.expected_calibration_error(unsure, labels)[0] - 0.5) < 1e-9  # confidence 0.5, accuracy 1
 
 
 def test_malignant_operating_point(ablate):

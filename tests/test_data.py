@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from scripts import data
+from scripts import io as scripts_io
 from scripts.data import (
     DEFAULT_SIMILARITY_THRESHOLD,
     DatasetError,
@@ -231,7 +232,7 @@ def test_datalist_write_is_atomic(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(data.json, "dump", fail)
+    monkeypatch.setattr(scripts_io.os, "replace", fail)  # the new file is written, then cannot be moved in place
     with pytest.raises(OSError):
         create_datalist(str(root), str(path))
     assert path.read_text() == "previous"

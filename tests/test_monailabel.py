@@ -89,7 +89,7 @@ def monailabel_env() -> Path:
 
 def write_studies(root: Path) -> dict:
     """Generated images in the formats a Slicer user brings, and their class-coded label maps."""
-    from scripts.synthetic import generate_dataset, load_binary_mask
+    from synthetic import generate_dataset, load_binary_mask
 
     source = root / "generated"
     generate_dataset(str(source), num_per_class=2, seed=3, rgb_fraction=0.5, extra_mask_fraction=0.0)

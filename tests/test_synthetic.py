@@ -1,4 +1,4 @@
-"""Tests of the synthetic BUSI-layout data generator (bundle/scripts/synthetic.py)."""
+"""Tests of the synthetic BUSI-layout data generator (tools/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
-sys.path.insert(0, str(BUNDLE))
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
 
-from scripts.synthetic import (  # noqa: E402
+from synthetic import (  # noqa: E402
     CLASSES,
     MARKER_FILE,
     case_rng,
@@ -224,7 +224,7 @@ def test_output_folder_rules(tmp_path):
 
 def test_command_line(tmp_path):
     out = tmp_path / "cli"
-    cmd = [sys.executable, str(BUNDLE / "scripts" / "synthetic.py"), "--output_dir", str(out)]
+    cmd = [sys.executable, str(TOOLS / "synthetic.py"), "--output_dir", str(out)]
     result = subprocess.run(cmd + ["--num_per_class", "2", "--seed", "4"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for label in CLASSES:

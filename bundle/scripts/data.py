@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -25,6 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 from PIL import Image
+
+from .io import atomic_write
+from .transforms import CLASS_NAMES
 
 __all__ = [
     "CLASS_NAMES",
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-CLASS_NAMES = ("normal", "benign", "malignant")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MASK_PATTERN = re.compile(r"^(?P<stem>.+)_mask(?:_(?P<index>\d+))?$", re.IGNORECASE)
 SPLITS = ("training", "validation", "test")
@@ -51,7 +52,7 @@ DEFAULT_HASH_THRESHOLD = 64
 # scanner, big anechoic cysts, shadowing masses: up to 0.655), judged by eye on side-by-side pairs. At 0.59 chains of
 # look-alikes merge 20 unrelated images, at 0.60 seven; from 0.61 the largest group is one lesion's 7 frames, and
 # 0.62 also leaves out three look-alike pairs at 0.616 to 0.619 (it misses some other frames: normal (9) and (10)
-# score 0.603). The generated images of scripts/synthetic.py, which share one layered layout, score at most 0.57.
+# score 0.603). The generated images of tools/synthetic.py, which share one layered layout, score at most 0.57.
 DEFAULT_SIMILARITY_THRESHOLD = 0.62
 THUMBNAIL_SIZE = 32  # thumbnail side, pixels
 BAND_PASS_SIGMA = THUMBNAIL_SIZE / 12  # the detail channel is the thumbnail minus this Gaussian blur
@@ -350,15 +351,8 @@ def split_groups(
 
 
 def _atomic_write_json(path: Path, content: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as stream:
-            json.dump(content, stream, indent=1, ensure_ascii=False)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    text = json.dumps(content, indent=1, ensure_ascii=False)
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
 
 def create_datalist(

@@ -15,7 +15,7 @@ data (0/1 ``L`` mode, RGBA 0/255). Everything is a deterministic function of the
 
 Command line::
 
-    python bundle/scripts/synthetic.py --output_dir DIR --num_per_class 12 --seed 0
+    python tools/synthetic.py --output_dir DIR --num_per_class 12 --seed 0
 """
 
 from __future__ import annotations
@@ -567,7 +567,7 @@ def generate_dataset(
                 suffix = "_mask" if k == 0 else f"_mask_{k}"
                 _save_mask(stem.with_name(f"{stem.name}{suffix}.png"), mask, encoding.get(index, "uint8"))
     marker = {
-        "generator": "scripts.synthetic",
+        "generator": "tools/synthetic.py",
         "seed": int(seed),
         "num_per_class": counts,
         "rgb_fraction": float(rgb_fraction),
