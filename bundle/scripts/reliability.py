@@ -236,9 +236,10 @@ class ClassActivationMapd(MapTransform):
     """Grad-CAM (MONAI's ``GradCAM``) of the predicted class on the last encoder stage, the feature map the
     classification head pools, resized to a reference image's size.
 
-    Computed on a copy of the network (Grad-CAM registers hooks on it), outside the engine's no-grad mode, with the
-    weights the network holds at the call. Images without a predicted class (``cls_pred`` < 0, not assessable) get no
-    map. It costs one more forward and backward pass per image.
+    Computed on a copy of the network, made at the first call (Grad-CAM registers hooks on it), outside the engine's
+    no-grad mode; the network's weights are copied into it at every call, so a checkpoint loaded later is used.
+    Images without a predicted class (``cls_pred`` < 0, not assessable) get no map. It costs one more forward and
+    backward pass per image.
 
     Args:
         network: the multi-task network (its encoder has ``stages``); the PyTorch one also with another back-end.
@@ -271,6 +272,19 @@ class ClassActivationMapd(MapTransform):
         self.output_key = output_key
         self.enabled = as_bool(enabled, "enabled")
         self.layer = layer
+        self._copy: torch.nn.Module | None = None
+        self._cam: GradCAM | None = None
+
+    def _gradcam(self) -> GradCAM:
+        """Grad-CAM of a copy of the network, made once (its hooks stay on the copy), with the network's weights
+        of now (a checkpoint may have been loaded since the last call)."""
+        if self._cam is None:
+            self._copy = copy.deepcopy(self.network).float()
+            layer = f"network.{self.layer or f'encoder.stages.{len(self._copy.encoder.stages) - 1}'}"
+            self._cam = GradCAM(nn_module=_ClassLogits(self._copy), target_layers=layer)
+        else:
+            self._copy.load_state_dict(self.network.state_dict())
+        return self._cam
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -278,11 +292,9 @@ class ClassActivationMapd(MapTransform):
         if predicted < 0:
             return d
         with torch.inference_mode(False), torch.enable_grad():  # the engine predicts without autograd
-            network = copy.deepcopy(self.network).float()
-            layer = f"network.{self.layer or f'encoder.stages.{len(network.encoder.stages) - 1}'}"
-            cam = GradCAM(nn_module=_ClassLogits(network), target_layers=layer)
+            cam = self._gradcam()
             image = torch.as_tensor(d[self.image_key]).detach().float().clone()
-            image = image.to(next(network.parameters()).device)[None].requires_grad_(True)
+            image = image.to(next(self.network.parameters()).device)[None].requires_grad_(True)
             heat = cam(image, class_idx=predicted)[0].detach()
         size = torch.as_tensor(d[self.reference_key]).shape[1:]
         heat = torch.nn.functional.interpolate(heat[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
