@@ -140,7 +140,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
     At the first call the wrapped network, with the weights it holds then (a ``CheckpointLoader`` has loaded them
     by the time the engine runs), is exported with MONAI's ``convert_to_onnx`` (TorchScript-based exporter,
     opset 17, dynamic batch) and an inference session is built from it in memory. On a CPU without native bf16
-    it predicts about 1.5x (256 px) to 2.6x (128 px) faster than float32 PyTorch (``bench/``).
+    the network alone runs about 1.5x (256 px) to 2.6x (128 px) faster than float32 PyTorch (``bench/``).
 
     Args:
         network: the network; its outputs must be a tensor or a dict of tensors.

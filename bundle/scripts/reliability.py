@@ -249,9 +249,7 @@ class ClassActivationMapd(MapTransform):
         output_key: where the map goes, ``(1, X, Y)`` in [0, 1].
         enabled: compute the map (text is accepted); off, the transform passes the data through.
         layer: name of the network's module whose output is explained; default: the last encoder stage (the
-            bottleneck). Grad-CAM assumes non-negative activations (after a ReLU): the output of a linear layer,
-            such as EfficientNet's projections, can be negative where the class evidence is, and the map then
-            avoids the lesion.
+            bottleneck). ``tools/explanation_check.py`` measures where another layer's maps point.
     """
 
     def __init__(
