@@ -26,8 +26,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL = "breast_ultrasound_segmentation_classification"
-COLOURS = {1: (0, 200, 0), 2: (230, 0, 0)}  # benign green, malignant red (the bundle's overlay colours)
-NAMES = {1: "benign", 2: "malignant"}
 
 
 def load_module(path: Path):
@@ -35,6 +33,9 @@ def load_module(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+COLOURS = load_module(REPO_ROOT / "bundle" / "scripts" / "common.py").LESION_COLOURS
 
 
 def overlay(grey: np.ndarray, label: np.ndarray, alpha: float = 0.35) -> Image.Image:

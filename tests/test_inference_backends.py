@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.inferers import AutocastInferer, OnnxRuntimeNetwork, as_bool, select_backend
+from scripts.common import as_bool
+from scripts.inferers import AutocastInferer, OnnxRuntimeNetwork, select_backend
 from scripts.net import MultiTaskResUNet
 
 from .conftest import REPO_ROOT

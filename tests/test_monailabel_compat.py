@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 
-from scripts.io import LESION_COLOURS_BGR
+from scripts.common import LESION_COLOURS
 from scripts.transforms import MonaiLabelOutputd
 
 from .conftest import BUNDLE_ROOT, REPO_ROOT
@@ -183,5 +183,5 @@ def test_served_colours_are_the_overlay_colours_of_every_segment():
     colours = output_entry(inference)["label_colors"]
     assert set(colours) == set(names.values()) == {"benign", "malignant"}
     for value, name in names.items():
-        assert colours[name] == list(LESION_COLOURS_BGR[value][::-1]), name
+        assert colours[name] == list(LESION_COLOURS[value]), name
     assert MonaiLabelOutputd(class_names=inference["class_names"], label_colors=colours).label_colors == colours

@@ -25,8 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .io import atomic_write
-from .transforms import CLASS_NAMES
+from .common import CLASS_NAMES, atomic_write
 
 __all__ = [
     "CLASS_NAMES",

@@ -30,8 +30,7 @@ from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.transforms import Randomizable, Transform
 from monai.utils import optional_import
 
-from .inferers import as_bool
-from .io import atomic_write
+from .common import as_bool, atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")

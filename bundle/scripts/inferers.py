@@ -9,24 +9,13 @@ import torch
 from monai.inferers import Inferer
 from monai.utils import look_up_option
 
-__all__ = ["AutocastInferer", "OnnxRuntimeNetwork", "as_bool", "native_bf16", "resolve_amp", "select_backend"]
+from .common import as_bool
+
+__all__ = ["AutocastInferer", "OnnxRuntimeNetwork", "native_bf16", "resolve_amp", "select_backend"]
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
 logger = logging.getLogger(__name__)
-
-
-def as_bool(value: bool | str, name: str = "value") -> bool:
-    """A config switch given as a bool or as text: ``--amp false`` on the command line arrives as the string
-    ``"false"`` (python-fire only converts ``False``), which Python would take as true."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", ""):
-        return False
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def native_bf16(device_type: str) -> bool:

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -21,9 +21,9 @@ from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.utils import optional_import
 from PIL import Image
 
-from .inferers import as_bool
+from .common import CLASS_NAMES, LESION_COLOURS, as_bool, atomic_write, display_image, stem_of, suffix_of
 from .reliability import reliability_fields
-from .transforms import CLASS_NAMES, pil_to_supported_mode
+from .transforms import pil_to_supported_mode
 
 itk, _ = optional_import("itk")
 nib, _ = optional_import("nibabel")
@@ -52,19 +52,6 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd") + DICOM_SUFFIXES
 IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # pixels x frames (8192 x 8192): larger files are refused before decoding
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
-LESION_COLOURS_BGR = {1: (0, 200, 0), 2: (0, 0, 230)}  # benign green, malignant red
-
-
-def suffix_of(path: str | os.PathLike) -> str:
-    """Lower-case file suffix, with ``.nii.gz`` kept whole."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
-def stem_of(path: str | os.PathLike) -> str:
-    """File name without its (possibly double) suffix."""
-    name = Path(path).name
-    return name[: len(name) - len(suffix_of(path))]
 
 
 def is_dicom(path: str | os.PathLike) -> bool:
@@ -310,41 +297,6 @@ def list_images(
     return images
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Write a file through ``write(temporary_path)``, flush it to disk, then move it into place in one step.
-
-    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        path: final file path; its folder is created if missing.
-        write: function that writes the file it is given (the temporary path keeps the final suffix, which
-            writers such as nibabel and ITK read the format from).
-
-    Returns:
-        The final path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{stem_of(path)}.{os.getpid()}.tmp{suffix_of(path)}")
-    try:
-        write(str(temporary))
-        with open(temporary, "rb+") as stream:
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    try:  # make the rename itself durable
-        descriptor = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-    except OSError:
-        pass
-    return path
-
-
 def write_table(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> Path:
     """Write rows as CSV atomically."""
 
@@ -400,13 +352,6 @@ def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) 
     return atomic_write(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
 
 
-def display_image(image: np.ndarray) -> np.ndarray:
-    """Scale a ``(X, Y)`` image to uint8 ``(H, W)`` for display (1st-99th percentile window)."""
-    low, high = np.percentile(image, (1, 99))
-    scaled = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
-    return scaled.astype(np.uint8).T
-
-
 def save_overlay(
     image: np.ndarray, label_map: np.ndarray, path: str | os.PathLike, caption: str = "", alpha: float = 0.35
 ) -> Path:
@@ -425,7 +370,8 @@ def save_overlay(
     grey = display_image(image)
     overlay = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
     labels = np.ascontiguousarray(label_map.T, dtype=np.uint8)
-    for value, colour in LESION_COLOURS_BGR.items():
+    for value, (red, green, blue) in LESION_COLOURS.items():
+        colour = (blue, green, red)  # OpenCV draws BGR
         region = (labels == value).astype(np.uint8)
         if not region.any():
             continue

@@ -43,7 +43,7 @@ from monai.handlers.utils import from_engine
 from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, compute_roc_auc
 from monai.visualize import blend_images
 
-from .io import atomic_write
+from .common import CLASS_NAMES, LESION_COLOURS, atomic_write
 
 __all__ = [
     "CLASS_NAMES",
@@ -61,7 +61,6 @@ __all__ = [
     "segmentation_metrics",
 ]
 
-CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
 SEG_CLASS_NAMES: tuple[str, ...] = ("background", "benign", "malignant")
 
 logger = logging.getLogger(__name__)
@@ -532,7 +531,7 @@ class ClassificationF1(Metric):
 # --------------------------------------------------------------------------------------------------------------
 
 # overlay colours for map values 0 (transparent), 1 benign, 2 malignant; see ``_overlay``
-_OVERLAY_COLORS = ((0.0, 0.0, 0.0), (0.0, 0.85, 0.0), (0.95, 0.0, 0.0))
+_OVERLAY_COLORS = [(0.0, 0.0, 0.0)] + [tuple(c / 255 for c in LESION_COLOURS[v]) for v in (1, 2)]
 # ROC curve colours of the classes normal, benign, malignant (benign green and malignant red as in the overlays)
 _ROC_COLORS = ("tab:blue", "tab:green", "tab:red")
 

@@ -21,7 +21,7 @@ from monai.metrics import compute_dice
 from monai.transforms import MapTransform
 from monai.visualize import GradCAM
 
-from .inferers import as_bool
+from .common import as_bool
 
 __all__ = [
     "ClassActivationMapd",

@@ -19,6 +19,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 
+from .common import CLASS_NAMES
 from .reliability import STATUS_OK, reliability_fields
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
     "MonaiLabelOutputd",
 ]
 
-CLASS_NAMES = ("normal", "benign", "malignant")
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
 logger = logging.getLogger(__name__)
 

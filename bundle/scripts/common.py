@@ -1,0 +1,82 @@
+"""Definitions the bundle's modules share: class names, lesion colours, config switches, durable writes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CLASS_NAMES", "LESION_COLOURS", "as_bool", "atomic_write", "display_image", "stem_of", "suffix_of"]
+
+CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
+# RGB colour of each label-map value: 1 benign lesion, 2 malignant lesion (background stays the image)
+LESION_COLOURS: dict[int, tuple[int, int, int]] = {1: (0, 200, 0), 2: (230, 0, 0)}
+
+
+def as_bool(value: bool | str, name: str = "value") -> bool:
+    """A config switch given as a bool or as text: ``--amp false`` on the command line arrives as the string
+    ``"false"`` (python-fire only converts ``False``), which Python would take as true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+def suffix_of(path: str | os.PathLike) -> str:
+    """Lower-case file suffix, with ``.nii.gz`` kept whole."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def stem_of(path: str | os.PathLike) -> str:
+    """File name without its suffix (``.nii.gz`` counted as one)."""
+    name = Path(path).name
+    return name[: len(name) - len(suffix_of(name))]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Write a file through ``write(temporary_path)``, flush it to disk, then move it into place in one step.
+
+    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
+
+    Args:
+        path: final file path; its folder is created if missing.
+        write: function that writes the file it is given (the temporary path keeps the final suffix, which
+            writers such as nibabel and ITK read the format from).
+
+    Returns:
+        The final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{stem_of(path)}.{os.getpid()}.tmp{suffix_of(path)}")
+    try:
+        write(str(temporary))
+        with open(temporary, "rb+") as stream:
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    try:  # make the rename itself durable
+        descriptor = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    except OSError:
+        pass
+    return path
+
+
+def display_image(image: np.ndarray) -> np.ndarray:
+    """Scale a ``(X, Y)`` image to uint8 ``(H, W)`` for display (1st-99th percentile window)."""
+    low, high = np.percentile(image, (1, 99))
+    scaled = np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255
+    return scaled.astype(np.uint8).T
