@@ -1,7 +1,7 @@
 """Reading inputs and writing predictions for the inference workflow.
 
-Every output is written atomically (a temporary file in the same folder, then ``os.replace``), so an
-interrupted run never leaves a half-written file behind or damages the result of an earlier run.
+Every output is written atomically (:py:func:`scripts.common.atomic_write`), so an interrupted run never leaves a
+half-written file behind or damages the result of an earlier run.
 """
 
 from __future__ import annotations
@@ -9,16 +9,18 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
 import torch
 from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
-from monai.utils import optional_import
+from monai.utils import ensure_tuple, optional_import
 from PIL import Image
 
 from .common import CLASS_NAMES, LESION_COLOURS, as_bool, atomic_write, display_image, stem_of, suffix_of
@@ -38,7 +40,6 @@ __all__ = [
     "check_image_file",
     "check_readable",
     "list_images",
-    "atomic_write",
     "save_label_map",
     "save_overlay",
     "PredictionWriter",
@@ -48,8 +49,7 @@ logger = logging.getLogger(__name__)
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 DICOM_SUFFIXES = (".dcm", ".dicom")
-ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd") + DICOM_SUFFIXES
-IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + ITK_SUFFIXES
+IMAGE_SUFFIXES = PIL_SUFFIXES + NIFTI_SUFFIXES + (".nrrd", ".nhdr", ".mha", ".mhd") + DICOM_SUFFIXES
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # pixels x frames (8192 x 8192): larger files are refused before decoding
 MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 
@@ -57,10 +57,8 @@ MASK_NAME = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
 def is_dicom(path: str | os.PathLike) -> bool:
     """A ``.dcm`` / ``.dicom`` file, or a file without suffix that starts like DICOM (``DICM`` at byte 128)."""
     suffix = suffix_of(path)
-    if suffix in DICOM_SUFFIXES:
-        return True
     if suffix:
-        return False
+        return suffix in DICOM_SUFFIXES
     try:
         with open(path, "rb") as stream:
             return stream.read(132)[128:] == b"DICM"
@@ -68,18 +66,32 @@ def is_dicom(path: str | os.PathLike) -> bool:
         return False
 
 
-def _check_dicom(path: str, max_pixels: int) -> None:
-    """Decode a DICOM file with pydicom, which raises Python errors where ITK's GDCM can crash the process.
+def _header_shape(path: str, dicom: Any) -> tuple[int, ...]:
+    """The image's size along each axis (frames and slices included), read from its header."""
+    suffix = suffix_of(path)
+    if suffix in PIL_SUFFIXES:
+        with Image.open(path) as image:
+            return image.size
+    if suffix in NIFTI_SUFFIXES:
+        return nib.load(path).shape[:3]
+    if dicom is not None:
+        if "PixelData" not in dicom or "Rows" not in dicom or "Columns" not in dicom:
+            raise ValueError("not a DICOM image (no pixel data)")
+        return int(dicom.Columns), int(dicom.Rows), int(dicom.get("NumberOfFrames", 1) or 1)
+    image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
+    if image_io is None:
+        raise ValueError("ITK cannot read this file type")
+    image_io.SetFileName(path)
+    image_io.ReadImageInformation()
+    return tuple(image_io.GetDimensions(i) for i in range(image_io.GetNumberOfDimensions()))
 
-    A corrupt encapsulated (e.g. RLE) pixel stream makes GDCM die with SIGFPE even when only the header is
-    read, so ITK sees a DICOM file only after pydicom has decoded its pixels (or has no decoder for its
-    transfer syntax, e.g. JPEG Lossless without pylibjpeg: then GDCM decodes it unchecked).
+
+def _decode_dicom(dataset: Any) -> None:
+    """Decode DICOM pixels with pydicom, which raises Python errors where ITK's GDCM can crash the process.
+
+    A corrupt encapsulated (e.g. RLE) pixel stream makes GDCM die with SIGFPE even when only the header is read.
+    A transfer syntax pydicom has no decoder for (e.g. JPEG Lossless without pylibjpeg) is left to GDCM unchecked.
     """
-    dataset = pydicom.dcmread(path, force=True)
-    if "PixelData" not in dataset or "Rows" not in dataset or "Columns" not in dataset:
-        raise ValueError("not a DICOM image (no pixel data)")
-    pixels = int(dataset.Rows) * int(dataset.Columns) * int(dataset.get("NumberOfFrames", 1) or 1)
-    _check_size(pixels, max_pixels, f"{dataset.Columns} x {dataset.Rows} x {dataset.get('NumberOfFrames', 1)} frames")
     from pydicom.pixels import get_decoder
 
     syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
@@ -91,18 +103,10 @@ def _check_dicom(path: str, max_pixels: int) -> None:
         dataset.pixel_array  # noqa: B018 - decoding is the check
 
 
-def _check_size(pixels: int, max_pixels: int, size: str) -> None:
-    if pixels > max_pixels:
-        raise ValueError(
-            f"the image is too large ({size}: {pixels:,} pixels, limit {max_pixels:,}); refused before decoding "
-            "to bound memory"
-        )
-
-
 def check_image_file(path: str, max_pixels: int | None = None) -> None:
     """Cheap checks before decoding: the file exists, is not empty, and is not larger than ``max_pixels``.
 
-    Only the header is read, except for DICOM, whose pixels pydicom decodes (see :py:func:`_check_dicom`).
+    Only the header is read, except for DICOM, whose pixels pydicom decodes (see :py:func:`_decode_dicom`).
 
     Args:
         path: image file.
@@ -112,49 +116,35 @@ def check_image_file(path: str, max_pixels: int | None = None) -> None:
         ValueError: naming the file and the reason.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    suffix = suffix_of(path)
     try:
         if not os.path.isfile(path):
             raise ValueError("no such file")
         if os.path.getsize(path) == 0:
             raise ValueError("the file is empty")
-        if suffix in PIL_SUFFIXES:
-            with Image.open(path) as image:
-                width, height = image.size
-            _check_size(width * height, limit, f"{width} x {height}")
-        elif suffix in NIFTI_SUFFIXES:
-            shape = nib.load(path).shape
-            _check_size(int(np.prod(shape[:3])), limit, " x ".join(map(str, shape)))
-        elif is_dicom(path):
-            _check_dicom(path, limit)
-        else:
-            image_io = itk.ImageIOFactory.CreateImageIO(path, itk.CommonEnums.IOFileMode_ReadMode)
-            if image_io is None:
-                raise ValueError("ITK cannot read this file type")
-            image_io.SetFileName(path)
-            image_io.ReadImageInformation()
-            shape = [image_io.GetDimensions(i) for i in range(image_io.GetNumberOfDimensions())]
-            _check_size(int(np.prod(shape)), limit, " x ".join(map(str, shape)))
-    except ValueError as error:
-        if str(error).startswith(f"{path}:"):
-            raise
-        raise ValueError(f"{path}: cannot read this image ({error})") from error
+        dicom = pydicom.dcmread(path, force=True) if is_dicom(path) else None
+        shape = _header_shape(path, dicom)
+        if math.prod(shape) > limit:
+            raise ValueError(
+                f"the image is too large ({' x '.join(map(str, shape))}: {math.prod(shape):,} pixels, limit "
+                f"{limit:,}); refused before decoding to bound memory"
+            )
+        if dicom is not None:
+            _decode_dicom(dicom)
     except Exception as error:  # every reader has its own exception types
-        raise ValueError(f"{path}: cannot read this image ({type(error).__name__}: {error})") from error
+        reason = error if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
+        raise ValueError(f"{path}: cannot read this image ({reason})") from error
 
 
 class BundleImageReader(ImageReader):
     """One MONAI image reader for every supported format, with bounded memory and errors that name the file.
 
     PNG/JPG/BMP/TIFF go to ``PILReader`` (palette, bilevel and CMYK converted by ``pil_to_supported_mode``),
-    NIfTI to ``NibabelReader``, DICOM, NRRD and MetaImage to ``ITKReader``. Before decoding,
-    :py:func:`check_image_file` refuses empty, missing, too large and (DICOM) undecodable files.
+    NIfTI to ``NibabelReader``, DICOM, NRRD and MetaImage to ``ITKReader``, each after :py:func:`check_image_file`.
 
-    ``LoadImage`` tries every registered reader, MONAI's defaults included, until one's ``read`` succeeds. Were
-    ``read`` to fail, a refused file would go on to the next reader: MONAI's ITK reader decodes a 20000 x 20000
-    PNG that PIL refuses (3 GB), and GDCM can crash on a corrupt DICOM. So ``read`` only records the file
-    names, and all checks and decoding happen in ``get_data``, whose ``ValueError`` (naming the file) reaches the
-    caller unchanged.
+    ``LoadImage`` passes a file whose ``read`` fails to the next reader, MONAI's defaults included: MONAI's ITK
+    reader decodes a 20000 x 20000 PNG that PIL refuses (3 GB), and GDCM can crash on a corrupt DICOM. So ``read``
+    only records the file names, and all checks and decoding happen in ``get_data``, whose ``ValueError`` (naming
+    the file) reaches the caller unchanged.
 
     Args:
         max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
@@ -168,69 +158,39 @@ class BundleImageReader(ImageReader):
         self.itk = ITKReader()
 
     def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        return all(suffix_of(f) in IMAGE_SUFFIXES or is_dicom(f) for f in ensure_sequence(filename))
+        return all(suffix_of(f) in IMAGE_SUFFIXES or is_dicom(f) for f in ensure_tuple(filename))
 
     def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs) -> list[str]:
-        return [str(f) for f in ensure_sequence(data)]
-
-    def reader_for(self, path: str) -> ImageReader:
-        """The MONAI reader that decodes ``path``."""
-        suffix = suffix_of(path)
-        if suffix in PIL_SUFFIXES:
-            return self.pil
-        return self.nibabel if suffix in NIFTI_SUFFIXES else self.itk
+        return [str(f) for f in ensure_tuple(data)]
 
     def get_data(self, img: list[str]) -> tuple[np.ndarray, dict]:
         for path in img:
             check_image_file(path, self.max_pixels)
-        reader = self.reader_for(img[0])
+        suffix = suffix_of(img[0])
+        reader = self.pil if suffix in PIL_SUFFIXES else self.nibabel if suffix in NIFTI_SUFFIXES else self.itk
         try:
             return reader.get_data(reader.read(img if len(img) > 1 else img[0]))
         except Exception as error:  # every reader has its own exception types
             raise ValueError(f"{img[0]}: cannot read this image ({type(error).__name__}: {error})") from error
 
 
-def ensure_sequence(data) -> list:
-    return [data] if isinstance(data, (str, os.PathLike)) else list(data)
-
-
-def image_readers(max_pixels: int | None = None) -> list:
-    """Readers for ``LoadImage``: one :py:class:`BundleImageReader` for every supported format.
-
-    Args:
-        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
-
-    Returns:
-        Reader instances in registration order.
-    """
+def image_readers(max_pixels: int | None = None) -> list[ImageReader]:
+    """Readers for ``LoadImage``: one :py:class:`BundleImageReader` (``max_pixels``: as there)."""
     return [BundleImageReader(max_pixels)]
 
 
 def check_readable(path: str, max_pixels: int | None = None) -> None:
-    """Decode a whole image file once, so that a truncated or corrupt file is found before the run.
-
-    Memory is bounded: :py:func:`check_image_file` refuses images of more than ``MAX_IMAGE_PIXELS`` pixels
-    from their header, before anything is decoded.
+    """Decode a whole image file once, as ``LoadImage`` will, so that a truncated or corrupt file is found early.
 
     Args:
         path: image file.
-        max_pixels: largest accepted pixel count; default ``MAX_IMAGE_PIXELS``.
+        max_pixels: largest accepted pixel count, checked from the header first; default ``MAX_IMAGE_PIXELS``.
 
     Raises:
         ValueError: naming the file and the reason.
     """
-    check_image_file(path, max_pixels)
-    suffix = suffix_of(path)
-    try:
-        if suffix in PIL_SUFFIXES:
-            with Image.open(path) as image:
-                image.load()
-        elif suffix in NIFTI_SUFFIXES:
-            nib.load(path).get_fdata(dtype=np.float32)
-        else:
-            itk.imread(path)
-    except Exception as error:  # every reader has its own exception types
-        raise ValueError(f"{path}: cannot read this image ({type(error).__name__}: {error})") from error
+    reader = BundleImageReader(max_pixels)
+    reader.get_data(reader.read(path))
 
 
 def list_images(
@@ -263,9 +223,8 @@ def list_images(
     root = Path(path).expanduser().resolve()
     if not root.exists():
         raise FileNotFoundError(f"{root}: no such file or folder.")
-    if root.is_file():
-        candidates = [root]
-    else:
+    candidates = [root]
+    if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file())
         candidates = [
             p
@@ -274,35 +233,33 @@ def list_images(
             and (suffix_of(p) in IMAGE_SUFFIXES or is_dicom(p))
             and not (exclude_masks and MASK_NAME.search(stem_of(p)))
         ]
-        kept = set(candidates)
-        ignored = [str(p.relative_to(root)) for p in files if p not in kept]
+        ignored = [str(p.relative_to(root)) for p in files if p not in set(candidates)]
         if ignored:
             shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
             logger.info(f"{root}: left out {len(ignored)} hidden, mask or non-image files: {shown}.")
     images, skipped = [], []
-    for candidate in candidates:
+    for candidate in map(str, candidates):
         try:
-            check_readable(str(candidate), max_pixels)
+            check_readable(candidate, max_pixels)
+            images.append({"image": candidate})
         except ValueError as error:
             if not skip_invalid:
                 raise
             logger.warning(f"skipped: {error}")
-            skipped.append({"file": str(candidate), "reason": str(error)})
-            continue
-        images.append({"image": str(candidate)})
+            skipped.append({"file": candidate, "reason": str(error)})
     if skipped and output_dir:
-        write_table(Path(output_dir) / "skipped.csv", ["file", "reason"], skipped)
+        write_table(Path(output_dir) / "skipped.csv", skipped)
     if not images:
         raise ValueError(f"{root}: no readable image ({', '.join(IMAGE_SUFFIXES)}) found; skipped {len(skipped)}.")
     return images
 
 
-def write_table(path: Path, fields: Sequence[str], rows: Sequence[dict]) -> Path:
-    """Write rows as CSV atomically."""
+def write_table(path: Path, rows: Sequence[dict]) -> Path:
+    """Write rows as CSV atomically, with the keys of the first row as header."""
 
     def write(temporary: str) -> None:
         with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(fields))
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -334,17 +291,14 @@ def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) 
         return atomic_write(path, lambda tmp: Image.fromarray(label_map.T).save(tmp, format="PNG"))
     if suffix in NIFTI_SUFFIXES:
         reference = nib.load(source)
-        data = label_map.reshape(label_map.shape + (1,) * (len(reference.shape) - 2))[..., :1] if len(
-            reference.shape
-        ) > 2 else label_map
+        data = label_map.reshape(label_map.shape + (1,) * (len(reference.shape) - 2))  # one slice or frame
         header = reference.header.copy()
         header.set_data_dtype(np.uint8)
         return atomic_write(path, lambda tmp: nib.save(nib.Nifti1Image(data, reference.affine, header), tmp))
     reader = itk.ImageFileReader.New(FileName=str(source))
     reader.UpdateOutputInformation()
     reference = reader.GetOutput()
-    dimension = reference.GetImageDimension()
-    array = label_map.T if dimension == 2 else label_map.T[None]
+    array = label_map.T if reference.GetImageDimension() == 2 else label_map.T[None]
     image = itk.image_from_array(np.ascontiguousarray(array))  # itk reads the buffer, not the strides
     image.SetOrigin(reference.GetOrigin())
     image.SetSpacing(reference.GetSpacing())
@@ -352,10 +306,18 @@ def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) 
     return atomic_write(path, lambda tmp: itk.imwrite(image, tmp, compression=True))
 
 
+def _save_picture(picture: np.ndarray, path: str | os.PathLike, caption: str) -> Path:
+    """Save an RGB uint8 ``(H, W, 3)`` picture as PNG, with ``caption`` written in its top-left corner."""
+    if caption:
+        scale = max(picture.shape[1] / 600, 0.4)
+        cv2.putText(picture, caption, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
+    return atomic_write(path, lambda tmp: Image.fromarray(picture).save(tmp, format="PNG"))
+
+
 def save_overlay(
     image: np.ndarray, label_map: np.ndarray, path: str | os.PathLike, caption: str = "", alpha: float = 0.35
 ) -> Path:
-    """Save an RGB overlay of the label map on the image, lesion outlined, benign green and malignant red.
+    """Save an RGB overlay of the label map on the image, lesion outlined, in its ``LESION_COLOURS``.
 
     Args:
         image: ``(X, Y)`` image (any intensity range).
@@ -367,23 +329,17 @@ def save_overlay(
     Returns:
         The written path.
     """
-    grey = display_image(image)
-    overlay = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    overlay = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2RGB)
     labels = np.ascontiguousarray(label_map.T, dtype=np.uint8)
-    for value, (red, green, blue) in LESION_COLOURS.items():
-        colour = (blue, green, red)  # OpenCV draws BGR
+    for value, colour in LESION_COLOURS.items():
         region = (labels == value).astype(np.uint8)
-        if not region.any():
-            continue
-        fill = overlay.copy()
-        fill[region > 0] = colour
-        overlay = cv2.addWeighted(fill, alpha, overlay, 1 - alpha, 0)
-        contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(overlay, contours, -1, colour, 1)
-    if caption:
-        scale = max(overlay.shape[1] / 600, 0.4)
-        cv2.putText(overlay, caption, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
-    return atomic_write(path, lambda tmp: cv2.imwrite(tmp, overlay) or (_ for _ in ()).throw(OSError(tmp)))
+        if region.any():
+            fill = overlay.copy()
+            fill[region > 0] = colour
+            overlay = cv2.addWeighted(fill, alpha, overlay, 1 - alpha, 0)
+            contours, _ = cv2.findContours(region, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(overlay, contours, -1, colour, 1)
+    return _save_picture(overlay, path, caption)
 
 
 def save_explanation(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike, caption: str = "") -> Path:
@@ -398,26 +354,20 @@ def save_explanation(image: np.ndarray, heat: np.ndarray, path: str | os.PathLik
     Returns:
         The written path.
     """
-    grey = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2BGR)
-    colours = cv2.applyColorMap(np.ascontiguousarray(np.clip(heat.T, 0, 1) * 255, dtype=np.uint8), cv2.COLORMAP_JET)
-    overlay = cv2.addWeighted(colours, 0.4, grey, 0.6, 0)
-    if caption:
-        scale = max(overlay.shape[1] / 600, 0.4)
-        cv2.putText(overlay, caption, (5, int(20 * scale) + 5), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1)
-    return atomic_write(path, lambda tmp: cv2.imwrite(tmp, overlay) or (_ for _ in ()).throw(OSError(tmp)))
+    grey = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2RGB)
+    heat_map = cv2.applyColorMap(np.ascontiguousarray(np.clip(heat.T, 0, 1) * 255, dtype=np.uint8), cv2.COLORMAP_JET)
+    return _save_picture(cv2.addWeighted(cv2.cvtColor(heat_map, cv2.COLOR_BGR2RGB), 0.4, grey, 0.6, 0), path, caption)
 
 
 class PredictionWriter:
     """Ignite handler that writes, per image, the label map, an overlay and a row of class probabilities.
 
     Per input ``<name>.<ext>`` it writes ``<name>_seg.<png|nii.gz|nrrd>`` (label map at the input's size and
-    geometry: 0 background, 1 benign lesion, 2 malignant lesion) and ``<name>_overlay.png``; inputs from
-    sub-folders keep their relative folder. ``predictions.csv`` and ``predictions.json`` list the predicted
-    class and the probabilities of every image, and where the items carry them (``scripts.reliability``) its
-    status, the reason of a "not assessable" status and the uncertainty; an image that is not assessable has no
-    predicted class, no probabilities and an empty label map. Both tables are written when the run completes.
-    With ``explanation_maps``, items that carry a class-activation map also get ``<name>_cam.png`` (column
-    ``explanation_map``, empty where an image has none).
+    geometry: 0 background, 1 benign lesion, 2 malignant lesion) and ``<name>_overlay.png``, in the input's
+    sub-folder under ``output_dir``. When the run completes, ``predictions.csv`` and ``predictions.json`` list per
+    image the predicted class, the probabilities and the reliability columns the items carry; an image that is not
+    assessable has no class, no probabilities and an empty label map. With ``explanation_maps``, items that carry a
+    class-activation map also get ``<name>_cam.png`` (column ``explanation_map``).
 
     Args:
         output_dir: output folder.
@@ -425,9 +375,9 @@ class PredictionWriter:
         class_names: class names, index order.
         label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
         cls_prob_key: key of the class probabilities.
-        cls_pred_key: key of the predicted class index.
+        cls_pred_key: key of the predicted class index (-1: not assessable).
         image_key: key of the image at the input's size, for overlays.
-        reliability_keys: keys written as columns when the items carry them.
+        reliability_keys: keys written as columns when the items carry them (``scripts.reliability``).
         explanation_key: key of the ``(1, X, Y)`` class-activation map at the input's size.
         explanation_maps: write the maps and their column (text is accepted).
     """
@@ -471,8 +421,7 @@ class PredictionWriter:
         """Output path without suffix for a source image."""
         source_path = Path(source).resolve()
         if self.input_root is not None and self.input_root in source_path.parents:
-            relative = source_path.parent.relative_to(self.input_root)
-            return self.output_dir / relative / stem_of(source_path)
+            return self.output_dir / source_path.parent.relative_to(self.input_root) / stem_of(source_path)
         return self.output_dir / stem_of(source_path)
 
     def write_one(self, item: dict) -> dict:
@@ -482,13 +431,15 @@ class PredictionWriter:
         label_map = torch.as_tensor(item[self.label_map_key])[0].cpu().numpy().astype(np.uint8)
         probabilities = torch.as_tensor(item[self.cls_prob_key]).float().cpu().numpy().reshape(-1)
         predicted = int(item[self.cls_pred_key])
-        stem = self.output_stem(source)
-        label_path = save_label_map(label_map, source, f"{stem}_seg{label_map_suffix(source)}")
         assessed = predicted >= 0
-        caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}" if assessed else "not assessable"
+        stem = self.output_stem(source)
         display = torch.as_tensor(image)[0].float().cpu().numpy()
-        overlay_path = save_overlay(display, label_map, f"{stem}_overlay.png", caption)
-        row = {"image": source, "label_map": str(label_path), "overlay": str(overlay_path)}
+        caption = f"{self.class_names[predicted]} {probabilities[predicted]:.2f}" if assessed else "not assessable"
+        row = {
+            "image": source,
+            "label_map": str(save_label_map(label_map, source, f"{stem}_seg{label_map_suffix(source)}")),
+            "overlay": str(save_overlay(display, label_map, f"{stem}_overlay.png", caption)),
+        }
         if self.explanation_maps:
             heat = item.get(self.explanation_key)
             caption = f"Grad-CAM: {self.class_names[predicted]}" if assessed else ""
@@ -503,13 +454,12 @@ class PredictionWriter:
 
     def write_batch(self, engine) -> None:
         outputs = engine.state.output
-        for item in outputs if isinstance(outputs, list) else [outputs]:
-            self.rows.append(self.write_one(item))
+        self.rows.extend(self.write_one(item) for item in (outputs if isinstance(outputs, list) else [outputs]))
 
     def write_tables(self, engine=None) -> None:
         if not self.rows:
             return
-        write_table(self.output_dir / "predictions.csv", list(self.rows[0]), self.rows)
+        write_table(self.output_dir / "predictions.csv", self.rows)
         text = json.dumps({"class_names": self.class_names, "predictions": self.rows}, indent=2)
         atomic_write(self.output_dir / "predictions.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         logger.info(f"wrote {len(self.rows)} predictions to {self.output_dir}")
