@@ -1,12 +1,4 @@
-"""Ignite handlers that keep training work safe: atomic checkpoints, resuming, and stopping on a non-finite loss.
-
-- :py:class:`AtomicCheckpointSaver`: MONAI's ``CheckpointSaver`` whose files are written atomically (MONAI 1.6.1
-  forces ignite's ``DiskSaver(atomic=False)`` and deletes the previous best ``model.pt`` before writing the new
-  one, so a kill at the wrong moment leaves a corrupt or no ``model.pt``).
-- :py:class:`TrainingCheckpoint`: after every epoch, one ``checkpoint.pt`` with everything needed to continue the
-  run exactly (model, optimizer, learning-rate schedule, trainer counters, early-stopping and best-model state,
-  random generators); with ``resume=True`` a run starts from it.
-- :py:class:`StopOnNonFiniteLoss`: stops training with a clear message at the first NaN or infinite loss.
+"""Ignite handlers that keep training safe: atomic checkpoints, exact resume, and a stop at a non-finite loss.
 
 Every checkpoint holds only tensors, numbers, strings, lists and dicts, and is loaded with
 ``torch.load(..., weights_only=True)``: a file whose pickle would run code is refused.
@@ -34,54 +26,33 @@ from .common import as_bool, atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
-BaseSaveHandler, _ = optional_import("ignite.handlers.checkpoint", name="BaseSaveHandler")
+DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver")
 idist, _ = optional_import("ignite.distributed")
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "NonFiniteLossError",
-    "atomic_save",
-    "load_checkpoint",
-    "plain",
-    "AtomicDiskSaver",
-    "AtomicCheckpointSaver",
-    "TrainingCheckpoint",
-    "StopOnNonFiniteLoss",
-    "random_states",
-    "set_random_states",
+    "CHECKPOINT_FORMAT", "NonFiniteLossError", "atomic_save", "load_checkpoint", "plain", "AtomicDiskSaver",
+    "AtomicCheckpointSaver", "TrainingCheckpoint", "StopOnNonFiniteLoss", "random_states", "set_random_states",
 ]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "breast-ultrasound-training-checkpoint/1"
-TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[^.]+)*$")  # as written by io.atomic_write
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[^.]+)*$")  # as written by common.atomic_write
+PARALLEL = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, flushed to disk, then moved into place in one step.
-
-    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        obj: what to save (plain containers of tensors, numbers and strings).
-        path: final file; its folder is created if missing.
-
-    Returns:
-        The final path.
-    """
-    return atomic_write(path, lambda temporary: torch.save(obj, temporary))
+    """``torch.save`` through :py:func:`scripts.common.atomic_write`: a kill leaves the previous file or the new one."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Remove temporary files that :py:func:`atomic_save` of a killed process left in ``folder``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that a killed process's :py:func:`atomic_save` left in ``folder``."""
+    for path in folder.iterdir() if folder.is_dir() else []:
         match = TEMPORARY_NAME.match(path.name)
         if match is None or int(match["pid"]) == os.getpid():
             continue
         try:
-            os.kill(int(match["pid"]), 0)  # the writer is still running
+            os.kill(int(match["pid"]), 0)  # raises if the writer is no longer running
         except ProcessLookupError:
             path.unlink(missing_ok=True)
             logger.info(f"removed {path}, left by an interrupted save")
@@ -90,18 +61,10 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """Load a checkpoint with ``weights_only=True``: tensors, numbers, strings and containers only.
-
-    Args:
-        path: checkpoint file.
-        map_location: as for ``torch.load``.
-
-    Returns:
-        The loaded object.
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and containers only.
 
     Raises:
-        ValueError: naming the file, if it is not a plain checkpoint (e.g. a pickle that would import or run
-            code) or cannot be read.
+        ValueError: naming the file, if it is not a plain checkpoint (e.g. a pickle that would run code) or is damaged.
     """
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -114,20 +77,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 
 def plain(value: Any, where: str = "checkpoint") -> Any:
-    """Convert a state to what ``torch.load(weights_only=True)`` accepts, or fail naming the offending entry.
-
-    NumPy arrays become tensors and NumPy scalars Python numbers; tensors, numbers, strings, ``None`` and
-    (nested) dicts, lists and tuples pass.
-
-    Args:
-        value: the state.
-        where: its name, for messages.
-
-    Returns:
-        The converted state.
+    """A state as ``torch.load(weights_only=True)`` accepts it: NumPy arrays become tensors, NumPy scalars and
+    subclasses of bool, int, float and str (enums) plain Python values, named tuples tuples.
 
     Raises:
-        TypeError: for any other type.
+        TypeError: naming the entry (``where``) of any other type.
     """
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -137,7 +91,7 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
         return torch.from_numpy(np.ascontiguousarray(value))
     if value is None:
         return None
-    for kind in (bool, int, float, str):  # subclasses (enums, numpy floats) become the plain type
+    for kind in (bool, int, float, str):
         if isinstance(value, kind):
             return kind(value)
     if isinstance(value, Mapping):
@@ -145,44 +99,43 @@ def plain(value: Any, where: str = "checkpoint") -> Any:
         return OrderedDict(items) if isinstance(value, OrderedDict) else dict(items)
     if isinstance(value, (list, tuple)):
         items = [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)  # named tuples become plain ones
+        return items if isinstance(value, list) else tuple(items)
     raise TypeError(f"{where}: {type(value).__name__} cannot be stored in a weights-only checkpoint.")
 
 
-class AtomicDiskSaver(BaseSaveHandler):
-    """Ignite save handler that writes through :py:func:`atomic_save`.
+class AtomicDiskSaver(DiskSaver):
+    """Ignite's ``DiskSaver`` whose files are flushed to disk before they are moved into place (``atomic_write``).
 
     Args:
         dirname: output folder.
-        filename: fixed file name (replacing ignite's generated names), or ``None``.
-        wrap_key: store the saved object as ``{wrap_key: object}``; ignite unwraps a single-object checkpoint,
-            this keeps the documented ``{"model": state_dict}`` layout of ``model.pt``.
+        filename: fixed file name (replacing ignite's generated names): replaced by the next save, never deleted.
+        wrap_key: store a checkpoint as ``{wrap_key: checkpoint}`` (ignite unwraps a single object; this keeps
+            the ``{"model": state_dict}`` layout of ``model.pt``).
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None, wrap_key: str | None = None) -> None:
-        self.dirname = Path(dirname)
+        super().__init__(dirname, require_empty=False)
         self.filename = filename
         self.wrap_key = wrap_key
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
-        if idist.get_rank() != 0:
-            return
         data = {self.wrap_key: checkpoint} if self.wrap_key is not None else checkpoint
-        atomic_save(plain(data), self.dirname / (self.filename or filename))
+        super().__call__(data, self.filename or filename, metadata)
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        atomic_write(path, lambda tmp: func(plain(checkpoint), tmp, **self.kwargs))
 
     def remove(self, filename: str) -> None:
-        if self.filename is not None or idist.get_rank() != 0:
-            return  # a fixed file is replaced by the next save: deleting it first would open a gap
-        (self.dirname / filename).unlink(missing_ok=True)
+        if self.filename is None and idist.get_rank() == self.save_on_rank:
+            (self.dirname / filename).unlink(missing_ok=True)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI's ``CheckpointSaver`` (same arguments) that writes every file atomically.
+    """MONAI's ``CheckpointSaver`` (same arguments) that writes every file through :py:class:`AtomicDiskSaver`.
 
-    The best-metric file (``key_metric_filename``) is replaced in one step instead of deleted and rewritten, a
-    single-object ``save_dict`` is stored as ``{name: state_dict}``, and the best-metric history can be saved and
-    restored (``state_dict`` / ``load_state_dict``) so that a resumed run only replaces ``model.pt`` by a better
-    model.
+    MONAI's saver deletes the best-metric file (``key_metric_filename``) before writing the new one; this one
+    replaces it in one step. Its best-metric history is saved by ``state_dict`` (MONAI's only restores it), so that a
+    resumed run only replaces ``model.pt`` by a better model.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -190,33 +143,34 @@ class AtomicCheckpointSaver(CheckpointSaver):
         wrap_key = next(iter(self.save_dict)) if len(self.save_dict) == 1 else None
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
-                fixed = getattr(checkpoint.save_handler, "filename", None)
+                fixed = checkpoint.save_handler.filename
                 checkpoint.save_handler = AtomicDiskSaver(self.save_dir, fixed, wrap_key)
 
     def state_dict(self) -> dict:
         """The best-metric history: ``{"_saved": [(score, file name), ...]}``."""
-        if self._key_metric_checkpoint is None:
-            return {"_saved": []}
-        return {"_saved": [(float(p), str(f)) for p, f in self._key_metric_checkpoint._saved]}
+        return self._key_metric_checkpoint.state_dict() if self._key_metric_checkpoint is not None else {"_saved": []}
 
 
-def _walk_random_states(obj: Any, path: str, found: dict, seen: set) -> None:
-    """Collect the ``R`` generators of the randomizable transforms reachable from ``obj``, keyed by their path."""
+def _random_transforms(obj: Any, path: str = "transform", found: dict | None = None, seen: set | None = None) -> dict:
+    """The generators (``R``) of the randomizable transforms reachable from ``obj``, keyed by their path."""
+    found = {} if found is None else found
+    seen = set() if seen is None else seen
     if id(obj) in seen:
-        return
+        return found
     seen.add(id(obj))
     if isinstance(obj, (list, tuple)):
-        for index, item in enumerate(obj):
-            _walk_random_states(item, f"{path}[{index}]", found, seen)
+        children = ((f"[{index}]", item) for index, item in enumerate(obj))
     elif isinstance(obj, Mapping):
-        for key, item in obj.items():
-            _walk_random_states(item, f"{path}.{key}", found, seen)
+        children = ((f".{key}", item) for key, item in obj.items())
     elif isinstance(obj, (Transform, Randomizable)) and not isinstance(obj, type):
         if isinstance(obj, Randomizable):
             found[path] = obj.R
-        for key, item in vars(obj).items():
-            if not key.startswith("__"):
-                _walk_random_states(item, f"{path}.{key}", found, seen)
+        children = ((f".{key}", item) for key, item in vars(obj).items() if not key.startswith("__"))
+    else:
+        return found
+    for name, item in children:
+        _random_transforms(item, path + name, found, seen)
+    return found
 
 
 def _numpy_state(generator: np.random.RandomState) -> dict:
@@ -231,27 +185,20 @@ def _set_numpy_state(generator: np.random.RandomState, state: Mapping) -> None:
 
 
 def random_states(transform: Any = None) -> dict:
-    """Every random generator a training run draws from, as plain data.
-
-    Python's, NumPy's and torch's global generators (CUDA's too, when available), and the generator of each
-    randomizable transform reachable from ``transform`` (MONAI seeds those once, when the data loader is built,
-    and they advance with every sample).
-
-    Args:
-        transform: the training transform (or dataset); ``None``: globals only.
+    """Every random generator a training run draws from, as plain data: Python's, NumPy's, torch's (and CUDA's)
+    and that of each randomizable transform reachable from ``transform`` (MONAI seeds those once, when the data
+    loader is built, and they advance with every sample).
 
     Returns:
         ``{"python": ..., "numpy": ..., "torch": ..., "cuda": [...], "transforms": {path: ...}}``.
     """
     version, state, gauss = random.getstate()
-    transforms: dict = {}
-    _walk_random_states(transform, "transform", transforms, set())
     return {
         "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
         "numpy": _numpy_state(np.random.mtrand._rand),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "transforms": {path: _numpy_state(generator) for path, generator in transforms.items()},
+        "transforms": {path: _numpy_state(r) for path, r in _random_transforms(transform).items()},
     }
 
 
@@ -263,9 +210,7 @@ def set_random_states(states: Mapping, transform: Any = None) -> None:
     torch.set_rng_state(states["torch"].cpu())
     if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
-    current: dict = {}
-    _walk_random_states(transform, "transform", current, set())
-    saved = states["transforms"]
+    current, saved = _random_transforms(transform), states["transforms"]
     if set(saved) != set(current):
         logger.warning(
             "the random transforms differ from the checkpoint's; the resumed run will not repeat the "
@@ -281,25 +226,22 @@ class TrainingCheckpoint:
     """Write a full training checkpoint after every epoch, and resume from it.
 
     Attach it to the trainer after the validation handler, so that each checkpoint includes that epoch's
-    validation, early-stopping and best-model state. ``checkpoint.pt`` holds::
-
-        format, epoch, iteration, stopped_early, trainer (ignite counters, best metric),
-        <name>: state of each entry of save_dict (model, optimizer, lr_scheduler, validator, early_stop, best_model),
-        random_states: Python, NumPy, torch (and CUDA) generators and those of the random training transforms
+    validation, early-stopping and best-model state. ``checkpoint.pt`` holds ``format``, ``epoch``, ``iteration``,
+    ``stopped_early``, ``trainer`` (ignite counters, best metric), the state of each ``save_dict`` entry and
+    ``random_states`` (:py:func:`random_states` of the training transform).
 
     With ``resume=True`` the trainer, at start, loads the file if it exists and continues with the next epoch;
-    a run that early stopping ended stays ended. The configured ``max_epochs`` wins over the stored one, so
-    a finished run can be extended (the learning-rate schedule, restored from the checkpoint, does not
-    stretch). With ``num_workers=0`` the resumed run repeats the uninterrupted one exactly (on the same
-    machine and software); worker processes draw their own seeds. In distributed training rank 0 writes the file
-    and every rank resumes from it.
+    a run that early stopping ended stays ended unless the patience is larger now. The configured ``max_epochs``
+    wins over the stored one, so a finished run can be extended (the restored learning-rate schedule does not
+    stretch). With ``num_workers=0`` the resumed run repeats the uninterrupted one exactly (on the same machine and
+    software); worker processes draw their own seeds. In distributed training rank 0 writes the file and every rank
+    resumes from it.
 
     Args:
         path: the checkpoint file.
-        save_dict: named objects to save and restore: ``torch.nn.Module``, optimizers, schedulers, ignite
-            engines (the validator: its best metric), MONAI's ``EarlyStopHandler``, ``AtomicCheckpointSaver``
-            or anything with ``state_dict`` / ``load_state_dict``. The trainer it is attached to is added as
-            ``trainer``.
+        save_dict: named objects to save and restore: ``torch.nn.Module``, optimizers, schedulers, ignite engines
+            (the validator: its best metric), MONAI's ``EarlyStopHandler``, ``AtomicCheckpointSaver`` or anything
+            with ``state_dict`` / ``load_state_dict``. The names ``trainer`` and ``random_states`` are reserved.
         resume: load ``path`` at start if it exists (``true``/``false`` text is accepted).
         save_interval: write every this many epochs.
         map_location: device for the loaded tensors.
@@ -325,67 +267,35 @@ class TrainingCheckpoint:
         engine.add_event_handler(Events.STARTED, self.start)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
 
-    def _transform(self, engine) -> Any:
-        loader = getattr(engine, "data_loader", None)
-        dataset = getattr(loader, "dataset", None)
+    @staticmethod
+    def _transform(engine) -> Any:
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
         return getattr(dataset, "transform", dataset)
 
     @staticmethod
-    def _engine_state(engine) -> dict:
-        state = dict(engine.state_dict())
-        state["epoch"] = int(engine.state.epoch)
-        for key in ("best_metric", "best_metric_epoch"):
-            if hasattr(engine.state, key):
-                state[key] = engine.state.__dict__[key]
-        return state
-
-    def state_of(self, obj: Any) -> Any:
-        """The plain state of one ``save_dict`` entry."""
+    def state_of(obj: Any) -> Any:
+        """The state of one ``save_dict`` entry (or of the trainer)."""
         if isinstance(obj, Engine):
-            return self._engine_state(obj)
+            kept = ("epoch", "best_metric", "best_metric_epoch")  # ignite's own state_dict has no best metric
+            return {**obj.state_dict(), **{key: getattr(obj.state, key) for key in kept if hasattr(obj.state, key)}}
         if isinstance(obj, EarlyStopHandler):
-            handler = getattr(obj, "_handler", None)
-            return dict(handler.state_dict()) if handler is not None else {}
-        if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-            obj = obj.module
-        return obj.state_dict()
+            return dict(obj._handler.state_dict()) if obj._handler is not None else {}
+        return (obj.module if isinstance(obj, PARALLEL) else obj).state_dict()
 
-    def _would_stop_early(self) -> bool:
-        """Whether the restored early-stopping handlers would still stop (their counter reached the patience)."""
-        stoppers = [obj for obj in self.save_dict.values() if isinstance(obj, EarlyStopHandler)]
-        handlers = [obj._handler for obj in stoppers if getattr(obj, "_handler", None) is not None]
-        return not handlers or any(h.counter >= h.patience for h in handlers)
-
-    def load_into(self, obj: Any, state: Any, name: str) -> None:
-        """Restore one ``save_dict`` entry."""
+    @staticmethod
+    def load_into(obj: Any, state: Any, name: str) -> None:
+        """Restore one ``save_dict`` entry (of an engine only its best metric: the trainer restores its counters)."""
         if isinstance(obj, Engine):
             for key in ("best_metric", "best_metric_epoch"):
                 if key in state:
                     setattr(obj.state, key, state[key])
         elif isinstance(obj, EarlyStopHandler):
-            handler = getattr(obj, "_handler", None)
-            if handler is None:
+            if obj._handler is None:
                 raise RuntimeError(f"{name}: call set_trainer on the early-stopping handler before the run starts.")
             if state:
-                handler.load_state_dict(state)
+                obj._handler.load_state_dict(state)
         else:
-            if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-                obj = obj.module
-            obj.load_state_dict(state)
-
-    def checkpoint(self, engine) -> dict:
-        """Everything to save, as plain data."""
-        content: dict = {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": int(engine.state.epoch),
-            "iteration": int(engine.state.iteration),
-            "stopped_early": bool(engine.should_terminate),
-            "trainer": self._engine_state(engine),
-        }
-        for name, obj in self.save_dict.items():
-            content[name] = self.state_of(obj)
-        content["random_states"] = random_states(self._transform(engine))
-        return plain(content)
+            (obj.module if isinstance(obj, PARALLEL) else obj).load_state_dict(state)
 
     def save(self, engine) -> None:
         """Write the checkpoint (refusing to replace a good one by weights that are not finite); rank 0 only."""
@@ -399,21 +309,28 @@ class TrainingCheckpoint:
                     )
         if idist.get_rank() != 0:  # in distributed training every rank holds the same weights
             return
-        atomic_save(self.checkpoint(engine), self.path)
+        content = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": int(engine.state.epoch),
+            "iteration": int(engine.state.iteration),
+            "stopped_early": bool(engine.should_terminate),
+            "trainer": self.state_of(engine),
+            **{name: self.state_of(obj) for name, obj in self.save_dict.items()},
+            "random_states": random_states(self._transform(engine)),
+        }
+        atomic_save(plain(content), self.path)
         logger.info(f"epoch {engine.state.epoch}: saved {self.path}")
 
     def start(self, engine) -> None:
         """At the trainer's start: clean up after a killed save, then resume if asked to."""
         remove_stale_temporaries(self.path.parent)
-        if not self.resume:
-            if self.path.is_file():
-                logger.warning(
-                    f"{self.path} exists: this run starts from scratch and replaces it after its first epoch "
-                    "(pass --resume true to continue the earlier run instead)."
-                )
-            return
         if not self.path.is_file():
-            logger.warning(f"resume: {self.path} does not exist, starting from scratch.")
+            if self.resume:
+                logger.warning(f"resume: {self.path} does not exist, starting from scratch.")
+            return
+        if not self.resume:
+            logger.warning(f"{self.path} exists: this run starts from scratch and replaces it after its first epoch "
+                           "(pass --resume true to continue the earlier run instead).")  # fmt: skip
             return
         checkpoint = load_checkpoint(self.path, self.map_location)
         if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -421,16 +338,13 @@ class TrainingCheckpoint:
         missing = [name for name in self.save_dict if name not in checkpoint]
         if missing:
             raise ValueError(f"{self.path}: the checkpoint lacks {missing}; it was written by another configuration.")
-        epoch, max_epochs = int(checkpoint["epoch"]), engine.state.max_epochs
+        epoch, max_epochs, epoch_length = int(checkpoint["epoch"]), engine.state.max_epochs, engine.state.epoch_length
         if max_epochs is not None and epoch > max_epochs:
-            raise ValueError(
-                f"{self.path}: the checkpoint is at epoch {epoch}, beyond max_epochs {max_epochs}; pass a larger "
-                "--max_epochs to train on."
-            )
+            raise ValueError(f"{self.path}: the checkpoint is at epoch {epoch}, beyond max_epochs {max_epochs}; pass "
+                             "a larger --max_epochs to train on.")  # fmt: skip
         for name, obj in self.save_dict.items():
             self.load_into(obj, checkpoint[name], name)
         stored = checkpoint["trainer"]
-        epoch_length = engine.state.epoch_length
         if stored.get("epoch_length") != epoch_length:
             logger.warning(
                 f"resume: {stored.get('epoch_length')} iterations per epoch in the checkpoint, {epoch_length} now "
@@ -439,21 +353,20 @@ class TrainingCheckpoint:
         engine.load_state_dict({"epoch": epoch, "epoch_length": epoch_length, "max_epochs": max_epochs})
         self.load_into(engine, stored, "trainer")
         set_random_states(checkpoint["random_states"], self._transform(engine))
-        validator = checkpoint.get("validator")
-        best = validator.get("best_metric") if isinstance(validator, Mapping) else None
+        best = checkpoint.get("validator", {}).get("best_metric")
         logger.info(
             f"resumed from {self.path}: {epoch} epochs done, iteration {engine.state.iteration}"
             + (f", best validation score {best:.4f}" if isinstance(best, (int, float)) and best >= 0 else "")
         )
-        if checkpoint.get("stopped_early") and self._would_stop_early():
-            logger.info(
-                f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do (pass a larger "
-                "--early_stop_patience to train on)."
-            )
-            engine.terminate()
-        elif checkpoint.get("stopped_early"):
-            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; its patience is larger now, "
-                        "so the run continues.")  # fmt: skip
+        if checkpoint.get("stopped_early"):
+            stoppers = [obj._handler for obj in self.save_dict.values() if isinstance(obj, EarlyStopHandler)]
+            if not stoppers or any(stopper.counter >= stopper.patience for stopper in stoppers):
+                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do (pass a "
+                            "larger --early_stop_patience to train on).")  # fmt: skip
+                engine.terminate()
+            else:
+                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; its patience is larger "
+                            "now, so the run continues.")  # fmt: skip
         elif max_epochs is not None and epoch >= max_epochs:
             logger.info(f"resume: all {max_epochs} epochs are done; pass a larger --max_epochs to train on.")
 
@@ -487,14 +400,10 @@ class StopOnNonFiniteLoss:
         if math.isfinite(value):
             return
         optimizer = getattr(engine, "optimizer", None)
-        learning_rates = [group["lr"] for group in optimizer.param_groups] if optimizer is not None else []
-        kept = (
-            f" The last good weights are in {self.checkpoint_dir} (checkpoint.pt, model.pt)."
-            if self.checkpoint_dir
-            else ""
-        )
+        rate = f" (learning rate {optimizer.param_groups[0]['lr']:.3g})" if optimizer is not None else ""
+        folder = self.checkpoint_dir
+        kept = f" The last good weights are in {folder} (checkpoint.pt, model.pt)." if folder else ""
         raise NonFiniteLossError(
-            f"training stopped: the loss is {value} at epoch {engine.state.epoch}, iteration "
-            f"{engine.state.iteration}" + (f" (learning rate {learning_rates[0]:.3g})" if learning_rates else "")
-            + f".{kept} Lower --learning_rate, check the inputs or try --amp False, and train again."
+            f"training stopped: the loss is {value} at epoch {engine.state.epoch}, iteration {engine.state.iteration}"
+            f"{rate}.{kept} Lower --learning_rate, check the inputs or try --amp False, and train again."
         )

@@ -33,16 +33,8 @@ pydicom, _ = optional_import("pydicom")
 Events, _ = optional_import("ignite.engine", name="Events")
 
 __all__ = [
-    "IMAGE_SUFFIXES",
-    "MAX_IMAGE_PIXELS",
-    "BundleImageReader",
-    "image_readers",
-    "check_image_file",
-    "check_readable",
-    "list_images",
-    "save_label_map",
-    "save_overlay",
-    "PredictionWriter",
+    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "BundleImageReader", "image_readers", "check_image_file", "check_readable",
+    "list_images", "save_label_map", "save_overlay", "save_explanation", "PredictionWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,27 +78,12 @@ def _header_shape(path: str, dicom: Any) -> tuple[int, ...]:
     return tuple(image_io.GetDimensions(i) for i in range(image_io.GetNumberOfDimensions()))
 
 
-def _decode_dicom(dataset: Any) -> None:
-    """Decode DICOM pixels with pydicom, which raises Python errors where ITK's GDCM can crash the process.
-
-    A corrupt encapsulated (e.g. RLE) pixel stream makes GDCM die with SIGFPE even when only the header is read.
-    A transfer syntax pydicom has no decoder for (e.g. JPEG Lossless without pylibjpeg) is left to GDCM unchecked.
-    """
-    from pydicom.pixels import get_decoder
-
-    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
-    try:
-        decodable = syntax is None or get_decoder(syntax).is_available
-    except NotImplementedError:  # a transfer syntax pydicom knows no decoder for
-        decodable = False
-    if decodable:
-        dataset.pixel_array  # noqa: B018 - decoding is the check
-
-
 def check_image_file(path: str, max_pixels: int | None = None) -> None:
     """Cheap checks before decoding: the file exists, is not empty, and is not larger than ``max_pixels``.
 
-    Only the header is read, except for DICOM, whose pixels pydicom decodes (see :py:func:`_decode_dicom`).
+    Only the header is read, except for DICOM, whose pixels pydicom decodes: it raises Python errors where ITK's GDCM
+    dies with SIGFPE (a corrupt encapsulated, e.g. RLE, pixel stream, even when only the header is read). A
+    transfer syntax pydicom has no decoder for (e.g. JPEG Lossless without pylibjpeg) is left to GDCM unchecked.
 
     Args:
         path: image file.
@@ -128,11 +105,21 @@ def check_image_file(path: str, max_pixels: int | None = None) -> None:
                 f"the image is too large ({' x '.join(map(str, shape))}: {math.prod(shape):,} pixels, limit "
                 f"{limit:,}); refused before decoding to bound memory"
             )
-        if dicom is not None:
-            _decode_dicom(dicom)
+        if dicom is not None and _pydicom_decodes(dicom):
+            dicom.pixel_array  # noqa: B018 - decoding is the check
     except Exception as error:  # every reader has its own exception types
         reason = error if isinstance(error, ValueError) else f"{type(error).__name__}: {error}"
         raise ValueError(f"{path}: cannot read this image ({reason})") from error
+
+
+def _pydicom_decodes(dataset: Any) -> bool:
+    from pydicom.pixels import get_decoder
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
+    try:
+        return syntax is None or get_decoder(syntax).is_available
+    except NotImplementedError:  # a transfer syntax pydicom knows no decoder for
+        return False
 
 
 class BundleImageReader(ImageReader):
@@ -180,15 +167,7 @@ def image_readers(max_pixels: int | None = None) -> list[ImageReader]:
 
 
 def check_readable(path: str, max_pixels: int | None = None) -> None:
-    """Decode a whole image file once, as ``LoadImage`` will, so that a truncated or corrupt file is found early.
-
-    Args:
-        path: image file.
-        max_pixels: largest accepted pixel count, checked from the header first; default ``MAX_IMAGE_PIXELS``.
-
-    Raises:
-        ValueError: naming the file and the reason.
-    """
+    """Decode a whole image file once, as ``LoadImage`` will: a ``ValueError`` names the file if that fails."""
     reader = BundleImageReader(max_pixels)
     reader.get_data(reader.read(path))
 
