@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CLASS_NAMES", "LESION_COLOURS", "as_bool", "atomic_write", "display_image", "stem_of", "suffix_of"]
+__all__ = [
+    "CLASS_NAMES", "LESION_COLOURS", "as_bool", "atomic_write", "display_image", "remove_stale_temporaries", "stem_of",
+    "suffix_of",
+]
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
 # RGB colour of each label-map value: 1 benign lesion, 2 malignant lesion (background stays the image)
 LESION_COLOURS: dict[int, tuple[int, int, int]] = {1: (0, 200, 0), 2: (230, 0, 0)}
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[^.]+)*$")  # as atomic_write names them
+logger = logging.getLogger(__name__)
 
 
 def as_bool(value: bool | str, name: str = "value") -> bool:
@@ -73,6 +80,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except OSError:
         pass
     return path
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Remove the temporary files that :py:func:`atomic_write` in a killed process left in ``folder``."""
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = TEMPORARY_NAME.match(path.name)
+        if match is None or int(match["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(match["pid"]), 0)  # raises if the writer is no longer running
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            logger.info(f"removed {path}, left by an interrupted save")
+        except PermissionError:
+            pass
 
 
 def display_image(image: np.ndarray) -> np.ndarray:

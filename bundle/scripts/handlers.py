@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import random
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from monai.handlers import CheckpointSaver, EarlyStopHandler
 from monai.transforms import Randomizable, Transform
 from monai.utils import optional_import
 
-from .common import as_bool, atomic_write
+from .common import as_bool, atomic_write, remove_stale_temporaries
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Engine, _ = optional_import("ignite.engine", name="Engine")
@@ -36,28 +35,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "breast-ultrasound-training-checkpoint/1"
-TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp(\.[^.]+)*$")  # as written by common.atomic_write
 PARALLEL = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` through :py:func:`scripts.common.atomic_write`: a kill leaves the previous file or the new one."""
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Remove the temporary files that a killed process's :py:func:`atomic_save` left in ``folder``."""
-    for path in folder.iterdir() if folder.is_dir() else []:
-        match = TEMPORARY_NAME.match(path.name)
-        if match is None or int(match["pid"]) == os.getpid():
-            continue
-        try:
-            os.kill(int(match["pid"]), 0)  # raises if the writer is no longer running
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            logger.info(f"removed {path}, left by an interrupted save")
-        except PermissionError:
-            pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
