@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from scripts.common import remove_stale_temporaries
 from scripts.io import atomic_write, label_map_suffix, list_images, save_label_map, save_overlay
 
 
@@ -97,3 +101,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
         atomic_write(target, failing)
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    names = [f".model.{pid}.tmp.pt" for pid in (int(finished.stdout), os.getppid(), os.getpid())] + ["model.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])  # running writers' files are kept
