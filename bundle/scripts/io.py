@@ -248,9 +248,7 @@ def write_table(path: Path, rows: Sequence[dict]) -> Path:
 def label_map_suffix(source: str) -> str:
     """Output format of a label map: PNG for 2D picture formats, NIfTI for NIfTI, NRRD for the rest."""
     suffix = suffix_of(source)
-    if suffix in PIL_SUFFIXES:
-        return ".png"
-    return ".nii.gz" if suffix in NIFTI_SUFFIXES else ".nrrd"
+    return ".png" if suffix in PIL_SUFFIXES else ".nii.gz" if suffix in NIFTI_SUFFIXES else ".nrrd"
 
 
 def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) -> Path:
