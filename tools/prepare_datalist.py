@@ -32,6 +32,7 @@ if str(BUNDLE) not in sys.path:
 
 from scripts.common import CLASS_NAMES, atomic_write  # noqa: E402
 from scripts.data import SPLITS, DatasetError  # noqa: E402
+from scripts.transforms import LUMINANCE_WEIGHTS, pil_to_supported_mode  # noqa: E402
 
 __all__ = [
     "scan_dataset",
@@ -68,18 +69,14 @@ def _natural_key(text: str) -> list:
 
 
 def _read_grey(path: Path) -> np.ndarray:
-    """Decode a whole image to a 2D float array (luminance of colour images, alpha ignored)."""
+    """Decode a whole image to a 2D float array (luminance of colour images, alpha ignored), as the bundle reads it."""
     if path.stat().st_size == 0:
         raise ValueError("the file is empty")
     with Image.open(path) as image:
         image.load()
-        if image.mode == "P":
-            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-        if image.mode in ("1", "LA", "La", "CMYK", "YCbCr"):
-            image = image.convert("L" if image.mode in ("1", "LA", "La") else "RGB")
-        array = np.asarray(image)
+        array = np.asarray(pil_to_supported_mode(image))
     if array.ndim == 3:
-        array = array[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        array = array[..., :3].astype(np.float32) @ np.array(LUMINANCE_WEIGHTS, np.float32)
     return array.astype(np.float32)
 
 
