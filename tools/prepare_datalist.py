@@ -128,7 +128,9 @@ def scan_dataset(dataset_dir: str, skip_invalid: bool = False) -> tuple[list[dic
         logger.info(f"ignored {len(ignored)} hidden or non-image files, e.g. {ignored[0]}")
     if problems and not skip_invalid:
         listing = "\n".join(f"  {p['file']}: {p['reason']}" for p in problems)
-        raise DatasetError(f"{root}: {len(problems)} problem(s); pass skip_invalid=True to skip them:\n{listing}")
+        raise DatasetError(
+            f"{root}: {len(problems)} problem(s); skip them with --skip_invalid true (skip_invalid=True):\n{listing}"
+        )
     for problem in problems:
         logger.warning(f"skipped {problem['file']}: {problem['reason']}")
     if not cases:
