@@ -36,8 +36,9 @@ def load_datalist(dataset_dir: str, datalist_path: str, split: str = "training")
     root, path = Path(dataset_dir).expanduser().resolve(), Path(datalist_path)
     if not path.is_file():
         raise DatasetError(
-            f"datalist {path} not found; make it once with: "
-            f"python tools/prepare_datalist.py --dataset_dir {root} --datalist {path}"
+            f"datalist {path} not found; make it once with the repository's tool: python tools/prepare_datalist.py "
+            f"--dataset_dir {root} --datalist {path} (or write it: lists 'training', 'validation', 'test' of "
+            "{'image', 'masks', 'class'} entries, paths relative to the dataset folder)."
         )
     datalist = json.loads(path.read_text(encoding="utf-8"))
     entries = [entry for name in SPLITS for entry in datalist.get(name, [])]
