@@ -17,8 +17,8 @@ names each missing piece. Nothing is patched in: the bundle is served exactly as
    ran over the top-level ``max_epochs`` (100) instead of the epochs actually run.
 4. Slicer's *Train* button (``train.json`` ``train#datalist``, ``validate#datalist``, ``training``): it sends the
    trainer option ``run_id`` as shown, an empty string, and MONAI 1.6.1's ``monai.bundle.run(run_id="")`` then
-   resolves the *whole* config. Every item gets built: the BUSI datalists (``scripts.data.load_or_create_datalist``
-   on the default ``dataset_dir``, which stops the run with "dataset folder not found" although MONAI Label
+   resolves the *whole* config. Every item gets built: the BUSI datalists (``scripts.data.load_datalist`` on the
+   default ``dataset_dir``, which stops the run with "file(s) missing" where that folder is absent, although MONAI Label
    replaced ``train#dataset#data``), and both ``run`` and its copy ``training`` (``%run``), which trained twice.
    The datalists become callables (``_mode_: callable``) that the datasets call, so nothing reads the dataset
    folder unless a dataset uses them, and ``training`` refers to ``run`` (``@run``) instead of copying it.

@@ -9,9 +9,8 @@ import json
 import re
 
 import numpy as np
+import prepare_datalist as data  # tools/, on sys.path (conftest.py)
 import pytest
-
-from scripts import data
 
 from .conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR
 
@@ -23,8 +22,9 @@ pytestmark = pytest.mark.skipif(not BUSI.is_dir(), reason=f"BUSI data not found 
 
 
 @pytest.fixture(scope="module")
-def remade(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
-    """The split made anew from BUSI, and the thumbnail descriptors of every image (from the same single scan)."""
+def remade(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray], bytes]:
+    """The split made anew from BUSI, the thumbnail descriptors of every image (from the same single scan) and the
+    file written."""
     scan, thumbnails = data.scan_dataset, {}
 
     def scan_and_keep(*args, **kwargs):
@@ -34,8 +34,9 @@ def remade(tmp_path_factory) -> tuple[dict, dict[str, np.ndarray]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data, "scan_dataset", scan_and_keep)
-        datalist = data.create_datalist(str(BUSI), str(tmp_path_factory.mktemp("split") / "datalist.json"))
-    return datalist, thumbnails
+        path = tmp_path_factory.mktemp("split") / "datalist.json"
+        datalist = data.create_datalist(str(BUSI), str(path))
+    return datalist, thumbnails, path.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +49,10 @@ def _subset_of(datalist: dict) -> dict[str, str]:
 
 
 def test_committed_split_is_reproduced(remade, committed):
-    datalist, _ = remade
+    datalist, _, written = remade
     for key in ("duplicate_hash", "duplicate_similarity", *SPLITS, "counts", "duplicate_groups"):
         assert datalist[key] == committed[key], key
+    assert written == COMMITTED.read_bytes()
     assert len(_subset_of(committed)) == 780
 
 
@@ -76,7 +78,7 @@ def test_duplicate_groups_stay_in_one_subset(committed):
 
 
 def test_no_similar_pair_straddles_subsets(remade, committed):
-    _, thumbnails = remade
+    _, thumbnails, _ = remade
     subset_of = _subset_of(committed)
     images = sorted(thumbnails)
     scores = data.thumbnail_similarity(*[np.stack([thumbnails[image] for image in images])] * 2)

@@ -1,4 +1,5 @@
-"""Data preparation: validation, duplicate grouping, stratified grouped split and the saved datalist."""
+"""Data preparation (tools/prepare_datalist.py): validation, duplicate grouping, stratified grouped split and the
+saved datalist; and the bundle's reading of it (scripts.data)."""
 
 from __future__ import annotations
 
@@ -9,21 +10,21 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import prepare_datalist  # tools/, on sys.path (conftest.py)
 import pytest
 from PIL import Image
-
-from scripts import data
-from scripts import io as scripts_io
-from scripts.data import (
+from prepare_datalist import (
     DEFAULT_SIMILARITY_THRESHOLD,
-    DatasetError,
     create_datalist,
     group_duplicates,
-    load_or_create_datalist,
     scan_dataset,
     thumbnail_descriptors,
     thumbnail_similarity,
 )
+
+from scripts import io as scripts_io
+from scripts.common import CLASS_NAMES
+from scripts.data import DatasetError, load_datalist
 
 SIZE = (48, 64)  # rows, columns
 
@@ -48,7 +49,7 @@ def _write_case(root: Path, cls: str, index: int, image: np.ndarray, lesion: boo
 
 def _dataset(root: Path, per_class: int = 4, start_seed: int = 0) -> Path:
     seed = start_seed
-    for cls in data.CLASS_NAMES:
+    for cls in CLASS_NAMES:
         for index in range(1, per_class + 1):
             _write_case(root, cls, index, _image(seed))
             seed += 1
@@ -181,7 +182,7 @@ def test_thumbnail_similarity_finds_altered_copies_and_not_other_images():
 
 
 def test_group_duplicates_unites_hash_and_thumbnail_pairs(monkeypatch):
-    monkeypatch.setattr(data, "SIMILARITY_BLOCK", 2)  # pairs within and across blocks
+    monkeypatch.setattr(prepare_datalist, "SIMILARITY_BLOCK", 2)  # pairs within and across blocks
     copies = _copies(_texture(0))
     images = [_texture(1), copies["black corner"], _texture(2), _texture(3), copies["central crop"], _texture(1)]
     thumbnails = [thumbnail_descriptors(image) for image in images]
@@ -201,27 +202,36 @@ def test_split_is_stratified_grouped_and_deterministic(tmp_path):
     assert first["test"] != other["test"]
     for split, fraction in (("training", 0.70), ("validation", 0.15), ("test", 0.15)):
         counts = Counter(e["class_name"] for e in first[split])
-        for cls in data.CLASS_NAMES:
+        for cls in CLASS_NAMES:
             assert abs(counts[cls] - fraction * 40) <= 1, (split, cls, counts)
     images = [e["image"] for s in ("training", "validation", "test") for e in first[s]]
     assert len(images) == len(set(images)) == 120
 
 
-def test_datalist_is_reused_and_checked(tmp_path):
+def test_datalist_is_loaded_with_absolute_paths_and_checked(tmp_path):
     root = _dataset(tmp_path / "ds", per_class=8)
     path = tmp_path / "datalist.json"
-    training = load_or_create_datalist(str(root), str(path), split="training")
+    with pytest.raises(DatasetError, match=re.escape(str(path)) + " not found.*tools/prepare_datalist.py"):
+        load_datalist(str(root), str(path))
+    create_datalist(str(root), str(path))
+    training = load_datalist(str(root), str(path), split="training")
     assert all(Path(e["image"]).is_absolute() and Path(e["image"]).is_file() for e in training)
     saved = json.loads(path.read_text())
     assert not Path(saved["training"][0]["image"]).is_absolute()  # the saved split holds relative names only
-    path.write_text(json.dumps({**saved, "note": "kept"}))
-    load_or_create_datalist(str(root), str(path))
-    assert json.loads(path.read_text())["note"] == "kept"  # reused, not rewritten
+    assert [e["class_name"] for e in training] == [e["class_name"] for e in saved["training"]]
     (root / saved["test"][0]["image"]).unlink()
-    with pytest.raises(DatasetError, match="missing.*delete it"):
-        load_or_create_datalist(str(root), str(path), split="training")
+    with pytest.raises(DatasetError, match="missing.*prepare_datalist"):
+        load_datalist(str(root), str(path), split="training")
     with pytest.raises(ValueError, match="split must be"):
-        load_or_create_datalist(str(root), str(tmp_path / "new.json"), split="train", skip_invalid=True)
+        load_datalist(str(root), str(path), split="train")
+
+
+def test_command_line_writes_the_datalist(tmp_path, capsys):
+    root = _dataset(tmp_path / "ds", per_class=4)
+    prepare_datalist.main(str(root), str(tmp_path / "datalist.json"))
+    counts = json.loads((tmp_path / "datalist.json").read_text())["counts"]
+    assert sum(sum(per_class.values()) for per_class in counts.values()) == 12
+    assert capsys.readouterr().out.startswith(json.dumps(counts, indent=1))
 
 
 def test_datalist_write_is_atomic(tmp_path, monkeypatch):

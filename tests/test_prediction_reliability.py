@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import copy
 import hashlib
 import logging
@@ -23,6 +24,8 @@ from scripts.reliability import (
     normalized_entropy,
 )
 from scripts.transforms import LesionLabelMapd, MonaiLabelOutputd
+
+from .conftest import REPO_ROOT
 
 
 def ultrasound_like(shape=(120, 160), scale=255.0, offset=0.0) -> torch.Tensor:
@@ -182,3 +185,14 @@ def test_class_activation_map_off_or_without_a_class(tiny_network):
     named = ClassActivationMapd(tiny_network, enabled=True, layer="encoder.stages.2")(data)["cam"]
     default = ClassActivationMapd(tiny_network, enabled=True)(data)["cam"]
     assert named.shape == (1, 64, 64) and not torch.allclose(named, default)
+
+
+def test_active_learning_reads_the_keys_and_status_values_written_here():
+    """``monailabel/activelearning.py`` runs in MONAI Label's environment, without the bundle's scripts: its copies of
+    the result keys and status values must be these."""
+    tree = ast.parse((REPO_ROOT / "monailabel" / "activelearning.py").read_text())
+    copies = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+              and isinstance(node.value, ast.Constant) for target in node.targets}  # fmt: skip
+    written = PredictionReliabilityd()
+    assert (copies["STATUS_OK"], copies["NOT_ASSESSABLE"]) == (STATUS_OK, NOT_ASSESSABLE)
+    assert (copies["RESULT_STATUS"], copies["RESULT_UNCERTAINTY"]) == (written.status_key, written.uncertainty_key)

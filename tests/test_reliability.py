@@ -7,8 +7,6 @@ tests/test_workflows.py does; the training process is killed with SIGKILL in the
 from __future__ import annotations
 
 import csv
-import importlib.util
-import json
 import os
 import pickle
 import re
@@ -91,32 +89,12 @@ def predict(inputs: Path, out: Path, model: Path, ok: bool = True, rss_file: Pat
 
 @pytest.fixture(scope="module")
 def datalist_args(synthetic_dataset, tmp_path_factory) -> list[str]:
-    """Training arguments for the generated data set with a fixed split.
+    """Training arguments for the generated data set with a fixed split (``tools/prepare_datalist.py``)."""
+    from prepare_datalist import create_datalist
 
-    ``scripts.data.load_or_create_datalist`` makes the split when it exists; otherwise a datalist in the format
-    train.json reads (``{"image", "masks", "class"}`` entries, absolute paths) is written here and the two
-    ``datalist`` components are overridden to read it.
-    """
     path = tmp_path_factory.mktemp("datalist") / "datalist.json"
-    common = ["--dataset_dir", str(synthetic_dataset), "--datalist", str(path)]
-    if importlib.util.find_spec("scripts.data") is not None:
-        from scripts.data import load_or_create_datalist
-
-        load_or_create_datalist(dataset_dir=str(synthetic_dataset), datalist_path=str(path), split="training")
-        return common
-    classes = {"normal": 0, "benign": 1, "malignant": 2}
-    split: dict[str, list] = {"training": [], "validation": [], "test": []}
-    for name, index in classes.items():
-        for image in sorted((synthetic_dataset / name).glob(f"{name} (*).png")):
-            if "_mask" in image.name:
-                continue
-            number = int(re.search(r"\((\d+)\)", image.name)[1])
-            masks = sorted(str(p) for p in image.parent.glob(f"{image.stem}_mask*.png"))
-            part = "training" if number <= 8 else "validation" if number <= 10 else "test"
-            split[part].append({"image": str(image), "masks": masks, "class": index})
-    path.write_text(json.dumps(split, indent=1))
-    reader = "$monai.bundle.ConfigParser.load_config_file(@datalist)"
-    return common + ["--train#datalist", f"{reader}['training']", "--validate#datalist", f"{reader}[@validate#split]"]
+    create_datalist(str(synthetic_dataset), str(path))
+    return ["--dataset_dir", str(synthetic_dataset), "--datalist", str(path)]
 
 
 def training_args(work: Path, datalist_args: list[str], *extra: str) -> list[str]:

@@ -37,8 +37,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 TRAIN_CONFIG = BUNDLE / "configs" / "train.json"
-if str(BUNDLE) not in sys.path:
-    sys.path.insert(0, str(BUNDLE))
+for _path in (BUNDLE, REPO / "tools"):  # the bundle's scripts; prepare_datalist.py beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from prepare_datalist import create_datalist  # noqa: E402
 
 from scripts.inferers import resolve_amp  # noqa: E402
 
@@ -124,6 +127,7 @@ def _resolve(overrides: dict) -> dict:
 
 
 def _parser(dataset_dir: str, overrides: dict):
+    """train.json for ``dataset_dir`` with ``overrides``; its datalist is made first where missing."""
     from monai.bundle import ConfigParser
 
     if str(BUNDLE) not in sys.path:
@@ -134,6 +138,9 @@ def _parser(dataset_dir: str, overrides: dict):
     parser["dataset_dir"] = dataset_dir
     for key, value in _resolve(overrides).items():
         parser[key] = copy.deepcopy(value)
+    datalist = parser.get_parsed_content("datalist")
+    if not Path(datalist).is_file():  # BUSI's split is committed; another folder's is made once
+        create_datalist(dataset_dir, datalist)
     return parser
 
 
@@ -272,6 +279,7 @@ def run(
         only: comma-separated variant names to run.
     """
     budget = _budget(image_size, epochs)
+    _parser(dataset_dir, {})  # the datalist the trainings read
     jobs = []
     for name, overrides in VARIANTS.items():
         if only and name not in only.split(","):

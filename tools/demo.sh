@@ -31,6 +31,7 @@ if [ "${DEMO_TRAIN:-0}" = "1" ]; then
     COMMON=(--dataset_dir "$OUT/data" --datalist "$OUT/datalist.json" --ckpt_dir "$OUT/models"
             --output_dir "$OUT/eval" --image_size "[128, 128]")
     python tools/synthetic.py --output_dir "$OUT/data" --num_per_class "${DEMO_IMAGES_PER_CLASS:-40}" --seed 0
+    python tools/prepare_datalist.py --dataset_dir "$OUT/data" --datalist "$OUT/datalist.json"
     python -m monai.bundle run training --config_file bundle/configs/train.json "${COMMON[@]}" --max_epochs "$EPOCHS"
     python -m monai.bundle run evaluating --config_file "['bundle/configs/train.json','bundle/configs/evaluate.json']" \
         "${COMMON[@]}"

@@ -1,10 +1,6 @@
-"""How far to trust one prediction: whether the input can be assessed at all, how uncertain the answer is, and
-which image regions drove the class (an optional Grad-CAM map).
-
-Only the parts that run at inference live here. Their parameters (the class-logit temperature, the training
-embedding statistics and the thresholds) are fitted on the validation split by ``tools/calibrate.py``, which also
-measures them; the model card reports the numbers.
-"""
+"""How far to trust one prediction: whether the input can be assessed, how uncertain the answer is, and which
+image regions drove the class (Grad-CAM). Their parameters are fitted on the validation split by
+``tools/calibrate.py``."""
 
 from __future__ import annotations
 
@@ -43,16 +39,13 @@ logger = logging.getLogger(__name__)
 
 
 def image_problem(image: torch.Tensor, min_size: int = 32, min_contrast: float = 0.05) -> str:
-    """Why an image shows nothing the model can assess, or ``""`` when it may be assessed.
+    """Why an image shows nothing the model can assess (too small, near-uniform), or ``""`` when it passes.
 
     Args:
         image: ``(C, X, Y)`` image as loaded, before any intensity scaling.
         min_size: smallest accepted side in pixels.
-        min_contrast: smallest accepted spread of intensities, ``(p99 - p1) / max(|p99|, |p1|)``; scale free, so it
-            holds for 8-bit, 16-bit and float images alike (an ultrasound frame is near 1, a blank one 0).
-
-    Returns:
-        A short reason, empty when the image passes.
+        min_contrast: smallest accepted ``(p99 - p1) / max(|p99|, |p1|)``: scale free, for 8-bit, 16-bit and float
+            images alike (an ultrasound frame is near 1, a blank one 0).
     """
     spatial = tuple(int(s) for s in image.shape[1:])
     if min(spatial) < min_size:
@@ -67,14 +60,8 @@ def image_problem(image: torch.Tensor, min_size: int = 32, min_contrast: float =
 
 
 class InputCheckd(MapTransform):
-    """Record why an image cannot be assessed (see :func:`image_problem`); place it right after loading.
-
-    Args:
-        keys: key of the loaded image.
-        output_key: key to write the reason to (``""`` when the image passes).
-        min_size: see :func:`image_problem`.
-        min_contrast: see :func:`image_problem`.
-    """
+    """Write why the loaded image cannot be assessed (:py:func:`image_problem`) to ``output_key``; place it right
+    after loading."""
 
     def __init__(
         self, keys: KeysCollection = "image", output_key: str = "input_problem", min_size: int = 32,
@@ -93,14 +80,7 @@ class InputCheckd(MapTransform):
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy of class probabilities over the last axis, divided by its maximum ``log(C)``: 0 certain, 1 uniform.
-
-    Args:
-        probs: probabilities ``(..., C)``.
-
-    Returns:
-        ``(...)`` values in [0, 1].
-    """
+    """Entropy of probabilities ``(..., C)`` over the last axis divided by ``log(C)``: 0 certain, 1 uniform."""
     p = probs.float().clamp_min(1e-12)
     return -(p * p.log()).sum(dim=-1) / math.log(probs.shape[-1])
 
@@ -112,6 +92,7 @@ def mahalanobis_distance(embedding: torch.Tensor, mean: torch.Tensor, precision:
 
 
 def _load_statistics(path: str | None, checkpoint: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training embeddings' mean and precision, where fitted for the weights in ``checkpoint``."""
     if path is None or not Path(path).is_file():
         if path is not None:
             logger.warning(f"no embedding statistics at {path}: inputs unlike the training images are not flagged")
@@ -141,24 +122,21 @@ def reliability_fields(item: Mapping[Hashable, object], keys: Sequence[str]) -> 
 class PredictionReliabilityd(MapTransform):
     """Per image: an uncertainty score, the embedding's distance to the training images, and a status.
 
-    The uncertainty is the normalized entropy of the (calibrated) class probabilities; where the item also holds
-    the outputs of the mirrored image (``AutocastInferer(flip_views=True)``), it is the mean of the normalized
-    entropy of the two views' mean probabilities and the two views' lesion-mask disagreement (1 - Dice), the score
-    that ranked mistakes best on the validation split (``tools/calibrate.py``). The status is
-    ``"not assessable"`` when the input check found a problem or the embedding lies farther from the training
-    distribution than ``max_distance``; ``"ok"`` otherwise. ``reason_key`` says why.
+    The uncertainty is the normalized entropy of the class probabilities; with the mirrored view's outputs
+    (``AutocastInferer(flip_views=True)``) it is the mean of the entropy of the two views' mean probabilities and
+    their lesion-mask disagreement, the score that ranked mistakes best on validation. The status is
+    ``"not assessable"`` (with a reason) when the input check found a problem or the embedding lies farther than
+    ``max_distance`` from the training images, ``"ok"`` otherwise.
 
     Args:
         cls_key: key of the class probabilities ``(C,)``.
         seg_key: key of the segmentation probabilities ``(3, X, Y)`` (channel 0: background).
-        flipped_suffix: suffix of the mirrored view's keys (``<cls_key><suffix>``, ``<seg_key><suffix>``).
-        embedding_key: key of the image's embedding ``(D,)``; missing: no distance is computed.
-        problem_key: key of the input check's reason (:class:`InputCheckd`); missing: the input passes.
-        embedding_stats: ``.pt`` file with ``mean`` ``(D,)`` and ``precision`` ``(D, D)`` of the training
-            embeddings and the ``ckpt_sha256`` of the weights they belong to (written by ``tools/calibrate.py``);
-            ``None`` or a missing file: no distance.
-        checkpoint: the weights in use; where they are not the ones the statistics were fitted for (after a new
-            training), the distance is left out with a warning rather than judged against another model's features.
+        flipped_suffix: suffix of the mirrored view's keys.
+        embedding_key: key of the image's embedding ``(D,)``; missing: no distance.
+        problem_key: key of :py:class:`InputCheckd`'s reason; missing: the input passes.
+        embedding_stats: ``.pt`` file of the training embeddings' ``mean``, ``precision`` and the ``ckpt_sha256`` of
+            their weights (``tools/calibrate.py``); ``None`` or missing: no distance.
+        checkpoint: the weights in use; statistics fitted for other weights are not used (with a warning).
         max_distance: Mahalanobis distance above which an image is not assessable; ``None``: never.
         uncertainty_key: key to write the uncertainty to.
         distance_key: key to write the distance to (NaN without statistics).
@@ -233,23 +211,20 @@ class _ClassLogits(torch.nn.Module):
 
 
 class ClassActivationMapd(MapTransform):
-    """Grad-CAM (MONAI's ``GradCAM``) of the predicted class on the last encoder stage, the feature map the
-    classification head pools, resized to a reference image's size.
+    """MONAI's ``GradCAM`` of the predicted class on the last encoder stage (the feature map the classification
+    head pools), resized to a reference image's size; images without a class (``cls_pred`` < 0) get none.
 
-    Computed on a copy of the network, made at the first call (Grad-CAM registers hooks on it), outside the engine's
-    no-grad mode; the network's weights are copied into it at every call, so a checkpoint loaded later is used.
-    Images without a predicted class (``cls_pred`` < 0, not assessable) get no map. It costs one more forward and
-    backward pass per image.
+    It runs on a copy of the network (Grad-CAM hooks it), made at the first call and given the network's weights at
+    every call (a checkpoint may be loaded later), with autograd on inside the engine's no-grad mode.
 
     Args:
         network: the multi-task network (its encoder has ``stages``); the PyTorch one also with another back-end.
         image_key: the preprocessed image, as the network saw it, ``(C, H, W)``.
         cls_pred_key: predicted class index.
-        reference_key: image whose spatial size the map takes (the image at the input's size).
+        reference_key: image whose spatial size the map takes.
         output_key: where the map goes, ``(1, X, Y)`` in [0, 1].
-        enabled: compute the map (text is accepted); off, the transform passes the data through.
-        layer: name of the network's module whose output is explained; default: the last encoder stage (the
-            bottleneck). ``tools/explanation_check.py`` measures where another layer's maps point.
+        enabled: compute the map (text is accepted); off, the data pass through.
+        layer: the network's module to explain; default: the last encoder stage.
     """
 
     def __init__(
@@ -274,8 +249,6 @@ class ClassActivationMapd(MapTransform):
         self._cam: GradCAM | None = None
 
     def _gradcam(self) -> GradCAM:
-        """Grad-CAM of a copy of the network, made once (its hooks stay on the copy), with the network's weights
-        of now (a checkpoint may have been loaded since the last call)."""
         if self._cam is None:
             self._copy = copy.deepcopy(self.network).float()
             layer = f"network.{self.layer or f'encoder.stages.{len(self._copy.encoder.stages) - 1}'}"
