@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from monai.bundle import ConfigParser
 
 from .conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR, load_tool
 
@@ -168,12 +169,12 @@ def test_network_data_format_order_and_shapes(metadata):
 @pytest.mark.parametrize("config", ["inference.json", "train.json"])
 def test_metadata_agrees_with_config(metadata, config):
     parsed = load_json(BUNDLE_ROOT / "configs" / config)
+    parser = ConfigParser(parsed)
     io = metadata["network_data_format"]
-    net = parsed["network_def"]
     assert parsed["image_size"] == io["inputs"]["image"]["spatial_shape"]
-    assert net["in_channels"] == io["inputs"]["image"]["num_channels"]
-    assert net["seg_out_channels"] == io["outputs"]["pred"]["num_channels"]
-    assert net["num_classes"] == io["outputs"]["cls"]["num_channels"]
+    assert parser.get_parsed_content("network_def#in_channels") == io["inputs"]["image"]["num_channels"]
+    assert parser.get_parsed_content("network_def#seg_out_channels") == io["outputs"]["pred"]["num_channels"]
+    assert parser.get_parsed_content("network_def#num_classes") == io["outputs"]["cls"]["num_channels"]
     assert list(io["outputs"]["cls"]["channel_def"].values()) == parsed["class_names"]
     assert io["outputs"]["pred"]["channel_def"]["0"] == "background"
     assert list(io["outputs"]["pred"]["channel_def"].values())[1:] == parsed["class_names"][1:]
