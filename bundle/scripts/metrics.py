@@ -79,11 +79,10 @@ def segmentation_metrics(seg_preds: Any, labels: Any) -> dict[str, Any]:
         labels: ground-truth maps in the same layout.
 
     Returns:
-        ``lesion_dice``/``lesion_iou`` (NaN without lesion images) and their population ``_std``;
-        ``lesion_dice_all_images``; ``pixel_accuracy``, ``background_iou``, ``lesion_pixel_iou`` and their mean
-        ``mean_iou`` (lesion vs background over all pixels, as the BUSI notebooks quote it); ``dice_background``,
-        ``dice_benign``, ``dice_malignant`` over all pixels (NaN for a value absent from both);
-        ``normal_false_positive_rate``; image counts; ``per_image``: each image's lesion Dice and IoU.
+        ``lesion_dice``/``lesion_iou`` (NaN without lesion images), their population ``_std``,
+        ``lesion_dice_all_images``; over all pixels ``pixel_accuracy``, ``background_iou``, ``lesion_pixel_iou``,
+        their mean ``mean_iou`` (as the BUSI notebooks quote it) and ``dice_<value name>`` (NaN for a value absent
+        from both); ``normal_false_positive_rate``; image counts; ``per_image`` lesion Dice and IoU lists.
     """
     preds, gts = _maps(seg_preds), _maps(labels)
     if len(preds) != len(gts):
@@ -146,10 +145,9 @@ def classification_metrics(probs: Any, preds: Any, labels: Any, class_names: Seq
         class_names: one name per class.
 
     Returns:
-        ``accuracy``; ``macro_precision``, ``macro_recall``, ``macro_f1`` (NaN-ignoring means, see
-        :func:`precision_recall_f1`); ``macro_auc`` (mean of MONAI's one-vs-rest ROC AUCs where defined);
-        ``per_class`` ``{name: {precision, recall, f1, support, auc}}``; ``confusion_matrix`` (rows true, columns
-        predicted); ``class_names``; ``num_samples``.
+        ``accuracy``; ``macro_`` precision, recall, f1 and auc (NaN-ignoring means; AUC: MONAI's one-vs-rest);
+        ``per_class`` ``{name: {precision, recall, f1, support, auc}}``; ``confusion_matrix`` (rows true);
+        ``class_names``; ``num_samples``.
     """
     num_classes = len(class_names)
     probs = torch.stack([torch.as_tensor(p).detach().cpu().double().flatten() for p in probs])
@@ -218,11 +216,10 @@ class ClassificationF1(ConfusionMatrix):
     """Macro F1 of predicted class indices, by ignite's confusion matrix (see :func:`precision_recall_f1`).
 
     Args:
-        output_transform: maps ``engine.state.output`` to ``(preds, labels)``, one class per sample (see
-            :func:`_class_indices`); by default ``from_engine(["cls_pred", "cls_label"])``.
+        output_transform: maps ``engine.state.output`` to ``(preds, labels)``, one class per sample; by default
+            ``from_engine(["cls_pred", "cls_label"])``.
         num_classes: number of classes.
-        device: device of the accumulator.
-        skip_unrolling: see :class:`LesionDice`.
+        device, skip_unrolling: as in :class:`LesionDice`.
     """
 
     def __init__(
@@ -260,6 +257,7 @@ class EvaluationReport:
         prefix: prefix of the names put into ``engine.state.metrics``.
     """
 
+    KEYS = ("image", "label", "seg_pred", "cls", "cls_pred", "cls_label")
     HEADLINE = ("lesion_dice", "lesion_iou", "pixel_accuracy", "mean_iou", "normal_fp_rate", "accuracy")
     HEADLINE += ("macro_precision", "macro_recall", "macro_f1", "macro_auc")
 
@@ -271,13 +269,10 @@ class EvaluationReport:
 
     def attach(self, engine: Engine) -> None:
         """Register the handler on ``engine`` (once)."""
-        for event, handler in (
-            (Events.EPOCH_STARTED, self.epoch_started),
-            (Events.ITERATION_COMPLETED, self.iteration_completed),
-            (Events.EPOCH_COMPLETED, self.epoch_completed),
-        ):
-            if not engine.has_event_handler(handler, event):
-                engine.add_event_handler(event, handler)
+        if not engine.has_event_handler(self.epoch_completed, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.epoch_started)
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
 
     def epoch_started(self, engine: Engine) -> None:
         """Forget the samples of the previous epoch."""
@@ -288,7 +283,7 @@ class EvaluationReport:
         output = engine.state.output
         for item in decollate_batch(dict(output)) if isinstance(output, dict) else output:
             name = getattr(item["image"], "meta", {}).get("filename_or_obj")
-            item = {key: torch.as_tensor(value).detach().cpu() for key, value in item.items()}
+            item = {key: torch.as_tensor(item[key]).detach().cpu() for key in self.KEYS}
             self.records.append(
                 {
                     "name": os.path.basename(str(name)) if name else f"sample_{len(self.records)}",
