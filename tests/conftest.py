@@ -1,9 +1,10 @@
-"""Shared fixtures: the bundle folder on sys.path and small generated datasets."""
+"""Shared fixtures and helpers: the bundle folder on sys.path, small generated datasets, a tiny network, bundle runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 SHARED_DIR = REPO_ROOT.parent / "shared"
 TOOLS_DIR = REPO_ROOT / "tools"
+TRAIN_CONFIG = "bundle/configs/train.json"
+EVALUATE_CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
+# config overrides that train and run a tiny residual network instead of the shipped one
+TINY_NETWORK = {
+    "network_def#encoder": "residual",
+    "network_def#pretrained": False,
+    "network_def#channels": [8, 16, 32, 64],
+    "network_def#strides": [2, 2, 2, 2],
+    "network_def#decoder_channels": [32, 16, 8, 8],
+    "image_size": [64, 64],
+}
+TINY_NETWORK_ARGS = [arg for key, value in TINY_NETWORK.items() for arg in (f"--{key}", str(value))]  # for fire
 for _path in (BUNDLE_ROOT, TOOLS_DIR):  # the bundle's scripts; tools/synthetic.py, the test-data generator
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
@@ -29,6 +42,16 @@ def load_tool(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_bundle(*args: str) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from monai.bundle import ConfigParser
 
 from .conftest import BUNDLE_ROOT, REPO_ROOT, SHARED_DIR, load_tool
 
@@ -168,12 +169,12 @@ def test_network_data_format_order_and_shapes(metadata):
 @pytest.mark.parametrize("config", ["inference.json", "train.json"])
 def test_metadata_agrees_with_config(metadata, config):
     parsed = load_json(BUNDLE_ROOT / "configs" / config)
+    parser = ConfigParser(parsed)
     io = metadata["network_data_format"]
-    net = parsed["network_def"]
     assert parsed["image_size"] == io["inputs"]["image"]["spatial_shape"]
-    assert net["in_channels"] == io["inputs"]["image"]["num_channels"]
-    assert net["seg_out_channels"] == io["outputs"]["pred"]["num_channels"]
-    assert net["num_classes"] == io["outputs"]["cls"]["num_channels"]
+    assert parser.get_parsed_content("network_def#in_channels") == io["inputs"]["image"]["num_channels"]
+    assert parser.get_parsed_content("network_def#seg_out_channels") == io["outputs"]["pred"]["num_channels"]
+    assert parser.get_parsed_content("network_def#num_classes") == io["outputs"]["cls"]["num_channels"]
     assert list(io["outputs"]["cls"]["channel_def"].values()) == parsed["class_names"]
     assert io["outputs"]["pred"]["channel_def"]["0"] == "background"
     assert list(io["outputs"]["pred"]["channel_def"].values())[1:] == parsed["class_names"][1:]
@@ -189,3 +190,26 @@ def test_inference_and_training_build_the_same_network():
 
     assert architecture(train) == architecture(inference), "model.pt from training must load into inference"
     assert inference["network_def"].get("pretrained", False) is False, "inference takes its weights from model.pt"
+
+
+def test_inference_preprocesses_images_as_training_and_validation():
+    """inference.json repeats the image steps of train.json's deterministic transforms (the Zoo's habit); they must
+    stay the same steps in the same order. Label-only steps, type conversions and the input check are left out."""
+    train = load_json(BUNDLE_ROOT / "configs" / "train.json")
+    inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
+    skipped = ("scripts.transforms.LoadLesionLabeld", "SelectItemsd", "EnsureTyped", "Lambdad")
+    skipped += ("scripts.reliability.InputCheckd",)
+    per_key = ("keys", "mode", "anti_aliasing")  # arguments given per key: the image is the first key
+
+    def image_steps(transforms: list) -> list:
+        return [
+            {k: v[0] if k in per_key and isinstance(v, list) else v for k, v in t.items()}
+            for t in transforms
+            if t["_target_"] not in skipped
+        ]
+
+    trained_on = image_steps(train["deterministic_transforms"] + train["normalize_transforms"])
+    assert [t["_target_"] for t in trained_on][-4:] == [
+        "Resized", "scripts.transforms.SpeckleDenoised", "ScaleIntensityRangePercentilesd", "NormalizeIntensityd"
+    ]  # fmt: skip
+    assert image_steps(inference["preprocessing"]["transforms"]) == trained_on

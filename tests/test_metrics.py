@@ -1,4 +1,5 @@
-"""Tests of bundle/scripts/metrics.py (hand-computed metric values, ignite metrics, the report handler)."""
+"""Tests of bundle/scripts/metrics.py (hand-computed metric values, ignite metrics, the report handler) and of
+tools/evaluation_figures.py."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from monai.handlers import from_engine
 from PIL import Image
 
 from scripts import metrics as M  # the bundle folder is on sys.path (conftest.py)
+from scripts.common import CLASS_NAMES
+
+from .conftest import load_tool
 
 
 def square(size: int, top: int, left: int, side: int, value: int = 1, shape: tuple = ()) -> np.ndarray:
@@ -70,6 +74,9 @@ def tiny_segmentation_set() -> tuple[list[np.ndarray], list[np.ndarray]]:
 def test_segmentation_metrics_tiny_set():
     preds, gts = tiny_segmentation_set()
     out = M.segmentation_metrics(preds, gts)
+    per_image = out.pop("per_image")
+    assert per_image["lesion_dice"] == pytest.approx([0.8, 6 / 7, 0, 1])
+    assert per_image["lesion_iou"] == pytest.approx([2 / 3, 3 / 4, 0, 1])
     assert out["lesion_dice"] == pytest.approx((0.8 + 6 / 7) / 2)
     assert out["lesion_dice_std"] == pytest.approx(abs(0.8 - 6 / 7) / 2)
     assert out["lesion_iou"] == pytest.approx((2 / 3 + 3 / 4) / 2)
@@ -87,6 +94,7 @@ def test_segmentation_metrics_tiny_set():
     assert (out["num_images"], out["num_lesion_images"], out["num_normal_images"]) == (4, 2, 2)
     # layouts: a stacked (N, 1, H, W) tensor gives the same numbers
     stacked = M.segmentation_metrics(torch.as_tensor(np.stack(preds))[:, None], torch.as_tensor(np.stack(gts))[:, None])
+    assert stacked.pop("per_image") == per_image
     assert stacked == pytest.approx(out)
 
 
@@ -107,14 +115,14 @@ def test_classification_metrics_six_samples():
     labels = [0, 0, 1, 1, 2, 2]
     preds = [0, 1, 1, 1, 2, 0]
     probs = np.eye(3)[preds] * 0.7 + 0.1
-    out = M.classification_metrics(probs, [torch.tensor(p) for p in preds], torch.tensor(labels), M.CLASS_NAMES)
+    out = M.classification_metrics(probs, [torch.tensor(p) for p in preds], torch.tensor(labels), CLASS_NAMES)
     assert out["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert out["accuracy"] == pytest.approx(4 / 6)
     pc = out["per_class"]
-    assert [pc[n]["precision"] for n in M.CLASS_NAMES] == pytest.approx([1 / 2, 2 / 3, 1.0])
-    assert [pc[n]["recall"] for n in M.CLASS_NAMES] == pytest.approx([1 / 2, 1.0, 1 / 2])
-    assert [pc[n]["f1"] for n in M.CLASS_NAMES] == pytest.approx([1 / 2, 4 / 5, 2 / 3])
-    assert [pc[n]["support"] for n in M.CLASS_NAMES] == [2, 2, 2]
+    assert [pc[n]["precision"] for n in CLASS_NAMES] == pytest.approx([1 / 2, 2 / 3, 1.0])
+    assert [pc[n]["recall"] for n in CLASS_NAMES] == pytest.approx([1 / 2, 1.0, 1 / 2])
+    assert [pc[n]["f1"] for n in CLASS_NAMES] == pytest.approx([1 / 2, 4 / 5, 2 / 3])
+    assert [pc[n]["support"] for n in CLASS_NAMES] == [2, 2, 2]
     assert out["macro_precision"] == pytest.approx(13 / 18)
     assert out["macro_recall"] == pytest.approx(2 / 3)
     assert out["macro_f1"] == pytest.approx(59 / 90)
@@ -127,7 +135,7 @@ def test_auc_separable_is_one():
     probs = np.eye(3)[labels] * 0.8 + 0.1
     out = M.classification_metrics(probs, None, labels)
     assert out["macro_auc"] == pytest.approx(1.0)
-    assert all(out["per_class"][n]["auc"] == pytest.approx(1.0) for n in M.CLASS_NAMES)
+    assert all(out["per_class"][n]["auc"] == pytest.approx(1.0) for n in CLASS_NAMES)
 
 
 def test_auc_known_example_with_absent_class():
@@ -143,7 +151,7 @@ def test_auc_known_example_with_absent_class():
     assert math.isnan(pc["malignant"]["f1"]) and pc["malignant"]["support"] == 0
     assert out["macro_f1"] == pytest.approx(0.5)
     # the ROC curve points integrate to the same AUC
-    fpr, tpr = M.roc_curve(np.array(probs)[:, 0], np.array(labels) == 0)
+    fpr, tpr = load_tool("evaluation_figures").roc_curve(np.array(probs)[:, 0], np.array(labels) == 0)
     np.testing.assert_allclose(fpr, [0, 0, 0.5, 0.5, 1])
     np.testing.assert_allclose(tpr, [0, 0.5, 0.5, 1, 1])
     assert np.trapezoid(tpr, fpr) == pytest.approx(0.75)
@@ -249,7 +257,7 @@ def report_batches(size: int = 64) -> list[list[dict]]:
     for k, (cl, cp, gs, ps) in enumerate(specs):
         gt = square(size, *gs, value=cl) if gs else np.zeros((size, size), np.uint8)
         pred = square(size, *ps, value=cp if cp else 1) if ps else np.zeros((size, size), np.uint8)
-        name = f"{M.CLASS_NAMES[cl]} ({k}).png"
+        name = f"{CLASS_NAMES[cl]} ({k}).png"
         s = make_sample(gt, pred, cl, cp, name)
         s["image"] = MetaTensor(torch.randn(1, size, size) + torch.as_tensor(gt > 0) * 2, meta=s["image"].meta)
         samples.append(s)
@@ -260,14 +268,13 @@ def test_evaluation_report_end_to_end(tmp_path):
     batches = report_batches()
     flat = [s for b in batches for s in b]
     out_dir = tmp_path / "eval" / "nested"
-    report = M.EvaluationReport(output_dir=str(out_dir), num_overlays=6, prefix="val_", display_size=32)
+    report = M.EvaluationReport(output_dir=str(out_dir), prefix="val_")
     engine = Engine(lambda e, batch: batch)
     report.attach(engine)
     report.attach(engine)  # attaching twice registers the handlers once
     state = engine.run(batches, max_epochs=2)  # the second epoch must not accumulate the first one's samples
 
-    files = sorted(os.listdir(out_dir))
-    assert files == ["confusion_matrix.png", "metrics.json", "overlays.png", "per_image.csv", "roc_curves.png"]
+    assert sorted(os.listdir(out_dir)) == ["metrics.json", "per_image.csv", "per_image_maps.npz"]
 
     summary = json.loads((out_dir / "metrics.json").read_text())
     assert summary["num_images"] == 9 and summary["num_lesion_images"] == 7
@@ -275,6 +282,7 @@ def test_evaluation_report_end_to_end(tmp_path):
     cls = M.classification_metrics(
         [s["cls"] for s in flat], [s["cls_pred"] for s in flat], [s["cls_label"] for s in flat]
     )
+    per_image = seg.pop("per_image")
     for k, v in seg.items():
         assert summary["segmentation"][k] == pytest.approx(v), k
     assert summary["classification"]["confusion_matrix"] == cls["confusion_matrix"]
@@ -292,13 +300,19 @@ def test_evaluation_report_end_to_end(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 9
     assert rows[0]["filename"] == "benign (0).png" and rows[2]["pred_class"] == "malignant"
-    dice, iou, _ = M.per_image_lesion_scores([s["seg_pred"] for s in flat], [s["label"] for s in flat])
-    np.testing.assert_allclose([float(r["lesion_dice"]) for r in rows], dice, atol=1e-6)
-    np.testing.assert_allclose([float(r["lesion_iou"]) for r in rows], iou, atol=1e-6)
+    np.testing.assert_allclose([float(r["lesion_dice"]) for r in rows], per_image["lesion_dice"], atol=1e-6)
+    np.testing.assert_allclose([float(r["lesion_iou"]) for r in rows], per_image["lesion_iou"], atol=1e-6)
     np.testing.assert_allclose(
         [float(r["prob_normal"]) for r in rows], [float(s["cls"][0]) for s in flat], atol=1e-6
     )
 
+    with np.load(out_dir / "per_image_maps.npz") as maps:  # rows first, as displayed
+        np.testing.assert_array_equal(maps["label_0"], flat[0]["label"][0].numpy().T)
+        assert maps["image_8"].dtype == np.uint8 and maps["image_8"].shape == (64, 64)
+
+    written = load_tool("evaluation_figures").draw(str(out_dir), num_overlays=6)
+    expected = ["confusion_matrix.png", "overlays.png", "roc_curves.png"]
+    assert sorted(os.path.basename(path) for path in written) == expected
     for name in ("confusion_matrix.png", "roc_curves.png", "overlays.png"):
         with Image.open(out_dir / name) as im:
             im.verify()
@@ -320,20 +334,6 @@ def test_evaluation_report_nan_written_as_null(tmp_path):
     assert summary["classification"]["per_class"]["malignant"]["auc"] is None
     assert summary["segmentation"]["dice_malignant"] is None
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
-
-
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "metrics.json"
-    path.write_text("old")
-
-    def failing(f):
-        f.write("half")
-        raise RuntimeError("crash")
-
-    with pytest.raises(RuntimeError):
-        M._atomic_write(str(path), failing)
-    assert path.read_text() == "old"
-    assert os.listdir(tmp_path) == ["metrics.json"]
 
 
 def test_report_from_bundle_config(tmp_path):

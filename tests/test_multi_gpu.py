@@ -16,8 +16,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from .conftest import REPO_ROOT
-from .test_workflows import TINY_NETWORK
+from .conftest import REPO_ROOT, TINY_NETWORK_ARGS
 
 CONFIGS = "bundle/configs/train.json", "bundle/configs/multi_gpu_train.json"
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -31,11 +30,26 @@ DUMP = {
     ]
 }
 
-pytestmark = pytest.mark.skipif(
+needs_gloo = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()), reason="needs gloo"
 )
 
 
+def test_ranks_above_0_slice_off_exactly_the_logging_and_saving_handlers():
+    """multi_gpu_train.json slices the handler lists: what it cuts on ranks > 0 must be what only rank 0 runs."""
+    train = json.loads((REPO_ROOT / CONFIGS[0]).read_text())
+    multi_gpu = json.loads((REPO_ROOT / CONFIGS[1]).read_text())
+    above_0 = "torch.distributed.get_rank() > 0"
+    assert multi_gpu["train#trainer#train_handlers"] == f"$@train#handlers[: -3 if {above_0} else None]"
+    assert [h["_target_"] for h in train["train"]["handlers"][-3:]] == [
+        "StatsHandler", "TensorBoardStatsHandler", "ignite.handlers.ProgressBar"
+    ]  # fmt: skip
+    assert "TrainingCheckpoint" in train["train"]["handlers"][-4]["_target_"]  # every rank resumes from it
+    assert multi_gpu["validate#evaluator#val_handlers"] == f"$@validate#handlers[: 1 if {above_0} else None]"
+    assert train["validate"]["handlers"][0] == "@validate#early_stop"  # every rank stops at the same epoch
+
+
+@needs_gloo
 def test_two_processes_end_with_identical_weights(tmp_path, synthetic_dataset):
     dump_config = tmp_path / "dump.json"
     dump_config.write_text(json.dumps(DUMP))
@@ -45,7 +59,7 @@ def test_two_processes_end_with_identical_weights(tmp_path, synthetic_dataset):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "training", "--config_file", config_files,
         "--dataset_dir", str(synthetic_dataset), "--datalist", str(tmp_path / "datalist.json"),
-        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), *TINY_NETWORK,
+        "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), *TINY_NETWORK_ARGS,
         "--max_epochs", "3", "--batch_size", "4", "--num_workers", "1",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "RANK_DUMP_DIR": str(tmp_path)}

@@ -73,7 +73,23 @@ def test_widths_and_depth_are_arguments():
         MultiTaskResUNet(channels=(8, 16), strides=(2, 2), decoder_channels=(8,))
 
 
-def test_classification_head_reads_bottleneck():
+def test_classification_head_reads_bottleneck(monkeypatch):
+    """Changing only the bottleneck changes the class logits; changing only a skip feature changes the map only."""
+    torch.manual_seed(0)
+    net = MultiTaskResUNet(**TINY).eval()
+    image = torch.randn(1, 1, 64, 64)
+    features = net.encoder(image)
+
+    def run(changed: int) -> dict:
+        altered = [f + 1.0 if i == changed else f for i, f in enumerate(features)]
+        monkeypatch.setattr(net.encoder, "forward", lambda x: altered)
+        return net(image)
+
+    plain, bottleneck, skip = run(-99), run(len(features) - 1), run(1)
+    torch.testing.assert_close(plain["cls"], net.classification_head(features[-1]))
+    assert not torch.allclose(bottleneck["cls"], plain["cls"])
+    torch.testing.assert_close(skip["cls"], plain["cls"])
+    assert not torch.allclose(skip["pred"], plain["pred"])  # the skip feature does reach the decoder
     head = ClassificationHead(2, in_channels=32, num_classes=3, hidden_channels=16).eval()
     assert head(torch.randn(4, 32, 5, 7)).shape == (4, 3)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import os
 import shlex
@@ -27,30 +26,15 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from .conftest import BUNDLE_ROOT, REPO_ROOT
+from .conftest import BUNDLE_ROOT, REPO_ROOT, TINY_NETWORK_ARGS, load_tool
 
 NAME = "breast_ultrasound_segmentation_classification"
 SHIPPED_DIRS = ("configs", "docs", "scripts")
-TINY_NETWORK = [
-    "--network_def#encoder", "residual",
-    "--network_def#pretrained", "False",
-    "--network_def#channels", "[8, 16, 32, 64]",
-    "--network_def#strides", "[2, 2, 2, 2]",
-    "--network_def#decoder_channels", "[32, 16, 8, 8]",
-    "--image_size", "[64, 64]",
-]  # fmt: skip
 ATOL = 1e-4  # fp32, ONNX Runtime CPU and TorchScript against eager PyTorch
 RTOL = 1e-4
 
 
-def load_package_tool():
-    spec = importlib.util.spec_from_file_location("bundle_package_tool", REPO_ROOT / "tools" / "package.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-package_tool = load_package_tool()
+package_tool = load_tool("package")
 
 
 def clean_env() -> dict:
@@ -88,7 +72,7 @@ def bundle_copy(tmp_path_factory) -> Path:
         torch.save({"model": network.state_dict()}, copy / "models" / "model.pt")
     decoys = ["scripts/__pycache__/net.cpython-311.pyc", "eval/metrics.json", "logs/train.log",
               "configs/datalist_Dataset_synthetic.json", "models/checkpoint.pt", "models/model.ts",
-              "docs/.notes.md"]  # fmt: skip
+              "docs/.notes.md", "scripts/unused_tool.py"]  # fmt: skip
     for decoy in decoys:
         (copy / decoy).parent.mkdir(parents=True, exist_ok=True)
         (copy / decoy).write_text("must not be shipped")
@@ -126,6 +110,7 @@ def test_archive_layout(archive, bundle_copy):
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/." in f or f.startswith(".")]
     assert not [f for f in files if f.startswith(("eval/", "logs/")) or "datalist" in f]
     assert {f for f in files if f.startswith("models/")} == {"models/model.pt", "models/model.ts", "models/model.onnx"}
+    assert "scripts/unused_tool.py" not in files, "scripts/ carries only what the configs need"
     for name in SHIPPED_DIRS:
         shipped = {p.relative_to(BUNDLE_ROOT).as_posix() for p in (BUNDLE_ROOT / name).rglob("*")
                    if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith("datalist")}  # fmt: skip
@@ -260,7 +245,7 @@ def test_one_training_epoch_in_the_unpacked_bundle(archive, synthetic_dataset, t
     before = hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
     run(["-m", "monai.bundle", "run", "training", "--config_file", str(bundle / "configs" / "train.json"),
          "--bundle_root", str(bundle), "--dataset_dir", str(synthetic_dataset), "--max_epochs", "1",
-         "--batch_size", "4", *TINY_NETWORK], cwd=elsewhere)  # fmt: skip
+         "--batch_size", "4", *TINY_NETWORK_ARGS], cwd=elsewhere)  # fmt: skip
     # default paths resolved against --bundle_root: split next to the configs, checkpoint in models/, logs in eval/
     assert (bundle / "configs" / f"datalist_{synthetic_dataset.name}.json").is_file()
     checkpoint = bundle / "models" / "model.pt"
@@ -300,3 +285,16 @@ def test_archive_is_reproducible_and_needs_weights(bundle_copy, tmp_path):
         package_tool.package(str(no_weights), str(tmp_path / "c"))
     with pytest.raises(ValueError, match="inside the bundle"):
         package_tool.package(str(bundle_copy), str(bundle_copy / "dist"))
+
+
+def test_scripts_that_the_configs_need_only_are_shipped_and_must_import(bundle_copy, tmp_path):
+    assert package_tool.needed_scripts(bundle_copy) == sorted(
+        ["__init__", *(p.stem for p in (BUNDLE_ROOT / "scripts").glob("*.py") if p.stem != "__init__")]
+    ), "every module of bundle/scripts is named by a config or imported by one that is"
+    absolute_import = tmp_path / "absolute_import"
+    shutil.copytree(bundle_copy, absolute_import)
+    (absolute_import / "scripts" / "helper.py").write_text("VALUE = 1\n")
+    losses = absolute_import / "scripts" / "losses.py"
+    losses.write_text(losses.read_text() + "\nfrom scripts import helper  # noqa\n")  # not followed by the scan
+    with pytest.raises(RuntimeError, match="does not import"):
+        package_tool.package(str(absolute_import), str(tmp_path / "out"), export=False)

@@ -10,8 +10,7 @@ import json
 import pytest
 import torch
 
-from .conftest import BUNDLE_ROOT, SHARED_DIR
-from .test_workflows import EVALUATE_CONFIGS, run_bundle
+from .conftest import BUNDLE_ROOT, EVALUATE_CONFIGS, SHARED_DIR, run_bundle
 
 BUSI = SHARED_DIR / "data" / "Dataset_BUSI_with_GT"
 WEIGHTS = BUNDLE_ROOT / "models" / "model.pt"

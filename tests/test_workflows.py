@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import REPO_ROOT
-
-TINY_NETWORK = [
-    "--network_def#encoder", "residual",
-    "--network_def#pretrained", "False",
-    "--network_def#channels", "[8, 16, 32, 64]",
-    "--network_def#strides", "[2, 2, 2, 2]",
-    "--network_def#decoder_channels", "[32, 16, 8, 8]",
-    "--image_size", "[64, 64]",
-]  # fmt: skip
-TRAIN_CONFIG = "bundle/configs/train.json"
-EVALUATE_CONFIGS = "['bundle/configs/train.json','bundle/configs/evaluate.json']"
-
-
-def run_bundle(*args: str) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle`` from the repository root, as a user would."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env
-    )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    return result
+from .conftest import EVALUATE_CONFIGS, REPO_ROOT, TINY_NETWORK_ARGS, TRAIN_CONFIG, load_tool, run_bundle
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +20,7 @@ def trained(tmp_path_factory, synthetic_dataset):
     work = tmp_path_factory.mktemp("workflow")
     common = [
         "--dataset_dir", str(synthetic_dataset), "--datalist", str(work / "datalist.json"),
-        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), *TINY_NETWORK,
+        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), *TINY_NETWORK_ARGS,
     ]  # fmt: skip
     run_bundle("training", "--config_file", TRAIN_CONFIG, *common, "--max_epochs", "2", "--batch_size", "4")
     return work, common
@@ -67,7 +44,10 @@ def test_second_run_reuses_the_saved_split(trained):
 
 def test_evaluation_writes_metrics_and_plots(trained):
     work, common = trained
-    run_bundle("evaluating", "--config_file", EVALUATE_CONFIGS, *common, "--batch_size", "4")
+    weights = (work / "models" / "model.pt").read_bytes()
+    result = run_bundle("--config_file", EVALUATE_CONFIGS, *common, "--batch_size", "4")  # the default id, `run`
+    assert "SupervisedTrainer" not in result.stdout + result.stderr, "evaluate.json overrides `run`: no training"
+    assert (work / "models" / "model.pt").read_bytes() == weights
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     datalist = json.loads((work / "datalist.json").read_text())
     assert metrics["num_images"] == len(datalist["test"])
@@ -75,6 +55,7 @@ def test_evaluation_writes_metrics_and_plots(trained):
         assert 0.0 <= metrics["segmentation"][key] <= 1.0, key
     for key in ("accuracy", "macro_f1"):
         assert 0.0 <= metrics["classification"][key] <= 1.0, key
+    load_tool("evaluation_figures").draw(str(work / "eval"))
     for plot in ("confusion_matrix.png", "roc_curves.png", "overlays.png"):
         assert Image.open(work / "eval" / plot).size[0] > 100
 
@@ -96,7 +77,7 @@ def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
     out = tmp_path / "out"
     run_bundle(
         "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
-        "--ckpt_path", str(work / "models" / "model.pt"), "--explanation_maps", "true", *TINY_NETWORK,
+        "--ckpt_path", str(work / "models" / "model.pt"), "--explanation_maps", "true", *TINY_NETWORK_ARGS,
     )  # fmt: skip
     with open(out / "predictions.csv", newline="") as stream:
         rows = {Path(row["image"]).name: row for row in csv.DictReader(stream)}
@@ -140,7 +121,7 @@ def test_inference_onnxruntime_backend_writes_the_same_predictions(trained, synt
         out = tmp_path / backend
         run_bundle(
             "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
-            "--ckpt_path", str(work / "models" / "model.pt"), "--backend", backend, *TINY_NETWORK,
+            "--ckpt_path", str(work / "models" / "model.pt"), "--backend", backend, *TINY_NETWORK_ARGS,
         )  # fmt: skip
         with open(out / "predictions.csv", newline="") as stream:
             tables[backend] = {Path(row["image"]).name: row for row in csv.DictReader(stream)}

@@ -11,14 +11,12 @@ The TorchScript / ONNX export checks run on the packaged bundle, in ``test_packa
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.utils import BundleProperty, BundlePropertyConfig, get_equivalent_dtype
 
-from .conftest import BUNDLE_ROOT
+from .conftest import BUNDLE_ROOT, TINY_NETWORK
 
 CONFIGS = BUNDLE_ROOT / "configs"
 META_FILE = str(CONFIGS / "metadata.json")
@@ -33,22 +31,13 @@ REQUIRED_FILES = (
     "docs/data_license.txt",
     "scripts/__init__.py",
 )
-TINY_NETWORK = {
-    "network_def#encoder": "residual",
-    "network_def#pretrained": False,
-    "network_def#channels": [8, 16, 32, 64],
-    "network_def#strides": [2, 2, 2, 2],
-    "network_def#decoder_channels": [32, 16, 8, 8],
-    "image_size": [64, 64],
-}
-# train.json lacks the standard `train#inferer` (a required property) and uses `@inferer` where the standard
-# `validate#inferer` is expected; this is the change the configs need for the Zoo's property check.
-PROPOSED_TRAIN_PATCH = {
-    "train#inferer": "@inferer",
-    "train#trainer#inferer": "@train#inferer",
-    "validate#inferer": "@inferer",
-    "validate#evaluator#inferer": "@validate#inferer",
-}
+
+
+def test_evaluate_config_overrides_run():
+    """As in the Zoo: train.json + evaluate.json merged evaluate with the default ``run`` (``evaluating`` too)."""
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")])
+    assert parser["run"] == ["$@validate#evaluator.run()"] and parser["evaluating"] == parser["training"] == "@run"
 
 
 def test_required_files():
@@ -66,7 +55,7 @@ def missing_properties(workflow: ConfigWorkflow) -> list[str]:
     return absent or workflow.check_properties()
 
 
-def train_workflow(synthetic_dataset, tmp_path, **patch) -> ConfigWorkflow:
+def train_workflow(synthetic_dataset, tmp_path) -> ConfigWorkflow:
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
         meta_file=META_FILE,
@@ -80,22 +69,13 @@ def train_workflow(synthetic_dataset, tmp_path, **patch) -> ConfigWorkflow:
         num_workers=0,
         cache_rate=0.0,
         **TINY_NETWORK,
-        **patch,
     )
     workflow.initialize()
     return workflow
 
 
 def test_train_workflow_properties(synthetic_dataset, tmp_path):
-    missing = missing_properties(train_workflow(synthetic_dataset, tmp_path))
-    assert missing == [], (
-        f"train.json misses the standard bundle properties {missing}; add to train.json: "
-        f"{json.dumps(PROPOSED_TRAIN_PATCH)} (IDs joined with '#')"
-    )
-
-
-def test_proposed_train_config_patch_passes_the_property_check(synthetic_dataset, tmp_path):
-    assert missing_properties(train_workflow(synthetic_dataset, tmp_path, **PROPOSED_TRAIN_PATCH)) == []
+    assert missing_properties(train_workflow(synthetic_dataset, tmp_path)) == []
 
 
 def test_infer_workflow_properties(synthetic_dataset, tmp_path):

@@ -4,7 +4,7 @@ The archive holds one top folder, ``breast_ultrasound_segmentation_classificatio
 
     configs/   metadata.json, inference.json, train.json, evaluate.json, logging.conf (no local datalists)
     models/    model.pt (required), model.ts (TorchScript) and model.onnx, exported from model.pt here
-    scripts/   the Python modules the configs name (no __pycache__)
+    scripts/   the Python modules the configs name and the modules they import (checked by importing them)
     docs/      README.md (model card), data_license.txt
     LICENSE
     large_files.yml   only when a file is larger than ``large_file_limit_mb``
@@ -23,9 +23,11 @@ Command line (from the repository root)::
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +98,25 @@ def _copy_tree(source: Path, target: Path, keep=lambda path: True) -> None:
         destination = target / relative
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, destination)
+
+
+def needed_scripts(bundle_dir: Path) -> list[str]:
+    """The ``scripts`` modules that the configs name (``scripts.<module>``), with the modules they import.
+
+    Returns:
+        Sorted module names, ``__init__`` included.
+    """
+    configs = "".join(path.read_text() for path in sorted((bundle_dir / "configs").glob("*.json")))
+    queue, needed = set(re.findall(r"\bscripts\.(\w+)", configs)), {"__init__"}
+    while queue:
+        module = queue.pop()
+        needed.add(module)
+        tree = ast.parse((bundle_dir / "scripts" / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .module import ..., from . import module
+                imported = [node.module] if node.module else [alias.name for alias in node.names]
+                queue.update(set(imported) - needed)
+    return sorted(needed)
 
 
 def _md5(path: Path) -> str:
@@ -182,8 +203,12 @@ def stage_bundle(
         if (bundle_dir / name).is_file():
             shutil.copy2(bundle_dir / name, stage / name)
 
+    scripts = [f"{module}.py" for module in needed_scripts(bundle_dir)]
+
     def keep(path: Path) -> bool:
         relative = path.relative_to(bundle_dir)
+        if relative.parts[0] == "scripts":
+            return relative.as_posix() in (f"scripts/{name}" for name in scripts)
         if relative.parts[0] == "configs" and path.name.startswith("datalist") and path.name not in keep_datalists:
             return False
         if relative.parts[0] == "models":
@@ -197,6 +222,12 @@ def stage_bundle(
     if missing:
         hint = " (models/model.pt is written by the training workflow)" if "models/model.pt" in missing else ""
         raise FileNotFoundError(f"{bundle_dir} lacks {missing}{hint}.")
+    modules = ", ".join(f"scripts.{name[:-3]}" for name in scripts if name != "__init__.py")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # import from the stage only
+    command = [sys.executable, "-c", f"import {modules}"]
+    result = subprocess.run(command, cwd=stage, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the staged scripts/ does not import: {result.stderr[-2000:]}")
     if export:
         run_bundle_command(TORCHSCRIPT_EXPORT, cwd=stage)
         run_bundle_command(ONNX_EXPORT, cwd=stage)

