@@ -62,3 +62,13 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "Dataset_synthetic"
     generate_dataset(str(root), num_per_class=12, seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_datalist(synthetic_dataset, tmp_path_factory) -> Path:
+    """The split of ``synthetic_dataset``, made by ``tools/prepare_datalist.py`` as a user does once before training."""
+    from prepare_datalist import create_datalist
+
+    path = tmp_path_factory.mktemp("datalist") / "datalist.json"
+    create_datalist(str(synthetic_dataset), str(path))
+    return path

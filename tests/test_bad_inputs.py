@@ -1,8 +1,9 @@
 """Bad input for training and prediction: every file gets a clear message naming it, or a reported skip.
 
 The data-preparation checks (scanning a BUSI folder, a datalist naming missing files) are tested with
-``scripts.data`` in its own tests; here are the loaders and the two workflows. DICOM files are built with pydicom
-(ultrasound SOP classes, uncompressed, MONOCHROME2 and RGB, single- and multi-frame).
+``tools/prepare_datalist.py`` and ``scripts.data`` in ``tests/test_data.py``; here are the loaders and the two
+workflows. DICOM files are built with pydicom (ultrasound SOP classes, uncompressed, MONOCHROME2 and RGB, single-
+and multi-frame).
 """
 
 from __future__ import annotations

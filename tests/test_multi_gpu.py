@@ -50,7 +50,7 @@ def test_ranks_above_0_slice_off_exactly_the_logging_and_saving_handlers():
 
 
 @needs_gloo
-def test_two_processes_end_with_identical_weights(tmp_path, synthetic_dataset):
+def test_two_processes_end_with_identical_weights(tmp_path, synthetic_dataset, synthetic_datalist):
     dump_config = tmp_path / "dump.json"
     dump_config.write_text(json.dumps(DUMP))
     ckpt_dir, output_dir = tmp_path / "models", tmp_path / "eval"
@@ -58,7 +58,7 @@ def test_two_processes_end_with_identical_weights(tmp_path, synthetic_dataset):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2",
         "-m", "monai.bundle", "run", "training", "--config_file", config_files,
-        "--dataset_dir", str(synthetic_dataset), "--datalist", str(tmp_path / "datalist.json"),
+        "--dataset_dir", str(synthetic_dataset), "--datalist", str(synthetic_datalist),
         "--ckpt_dir", str(ckpt_dir), "--output_dir", str(output_dir), *TINY_NETWORK_ARGS,
         "--max_epochs", "3", "--batch_size", "4", "--num_workers", "1",
     ]  # fmt: skip

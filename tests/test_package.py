@@ -235,7 +235,7 @@ def test_inference_in_the_downloaded_bundle(unpacked, synthetic_dataset, tmp_pat
     assert not (unpacked / "eval").exists(), "outputs go to --output_dir"
 
 
-def test_one_training_epoch_in_the_unpacked_bundle(archive, synthetic_dataset, tmp_path):
+def test_one_training_epoch_in_the_unpacked_bundle(archive, synthetic_dataset, synthetic_datalist, tmp_path):
     root = tmp_path / "unzipped"
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(root)
@@ -243,11 +243,11 @@ def test_one_training_epoch_in_the_unpacked_bundle(archive, synthetic_dataset, t
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     before = hashlib.sha256((bundle / "models" / "model.pt").read_bytes()).hexdigest()
+    shutil.copy(synthetic_datalist, bundle / "configs" / f"datalist_{synthetic_dataset.name}.json")  # the default
     run(["-m", "monai.bundle", "run", "training", "--config_file", str(bundle / "configs" / "train.json"),
          "--bundle_root", str(bundle), "--dataset_dir", str(synthetic_dataset), "--max_epochs", "1",
          "--batch_size", "4", *TINY_NETWORK_ARGS], cwd=elsewhere)  # fmt: skip
-    # default paths resolved against --bundle_root: split next to the configs, checkpoint in models/, logs in eval/
-    assert (bundle / "configs" / f"datalist_{synthetic_dataset.name}.json").is_file()
+    # default paths resolved against --bundle_root: split read next to the configs, checkpoint in models/, logs in eval/
     checkpoint = bundle / "models" / "model.pt"
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() != before
     state = torch.load(checkpoint, weights_only=True)["model"]

@@ -55,7 +55,7 @@ def missing_properties(workflow: ConfigWorkflow) -> list[str]:
     return absent or workflow.check_properties()
 
 
-def train_workflow(synthetic_dataset, tmp_path) -> ConfigWorkflow:
+def train_workflow(synthetic_dataset, datalist, tmp_path) -> ConfigWorkflow:
     workflow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),
         meta_file=META_FILE,
@@ -63,7 +63,7 @@ def train_workflow(synthetic_dataset, tmp_path) -> ConfigWorkflow:
         workflow_type="train",
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(synthetic_dataset),
-        datalist=str(tmp_path / "datalist.json"),
+        datalist=str(datalist),
         ckpt_dir=str(tmp_path / "models"),
         output_dir=str(tmp_path / "eval"),
         num_workers=0,
@@ -74,8 +74,8 @@ def train_workflow(synthetic_dataset, tmp_path) -> ConfigWorkflow:
     return workflow
 
 
-def test_train_workflow_properties(synthetic_dataset, tmp_path):
-    assert missing_properties(train_workflow(synthetic_dataset, tmp_path)) == []
+def test_train_workflow_properties(synthetic_dataset, synthetic_datalist, tmp_path):
+    assert missing_properties(train_workflow(synthetic_dataset, synthetic_datalist, tmp_path)) == []
 
 
 def test_infer_workflow_properties(synthetic_dataset, tmp_path):

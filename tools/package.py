@@ -12,8 +12,8 @@ The archive holds one top folder, ``breast_ultrasound_segmentation_classificatio
 Nothing is written into the bundle folder: the files are staged in a temporary copy, the exports are made there
 with the stock ``python -m monai.bundle ckpt_export`` / ``onnx_export`` commands, then zipped with fixed
 timestamps in a fixed order. Training outputs (``eval/``, ``logs/``, ``cache/``, ``data/``, the resumable
-``models/checkpoint.pt``), byte code, hidden files and the datalists that training writes next to the configs are
-left out.
+``models/checkpoint.pt``), byte code, hidden files and the datalists that ``tools/prepare_datalist.py`` writes next
+to the configs are left out.
 
 Command line (from the repository root)::
 
