@@ -15,7 +15,9 @@ from monai.data import MetaTensor
 
 from scripts.reliability import (
     NOT_ASSESSABLE,
+    STATUS_KEY,
     STATUS_OK,
+    UNCERTAINTY_KEY,
     InputCheckd,
     PredictionReliabilityd,
     image_problem,
@@ -193,6 +195,7 @@ def test_active_learning_reads_the_keys_and_status_values_written_here():
     tree = ast.parse((REPO_ROOT / "monailabel" / "activelearning.py").read_text())
     copies = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
               and isinstance(node.value, ast.Constant) for target in node.targets}  # fmt: skip
-    written = PredictionReliabilityd()
+    written = PredictionReliabilityd()({"cls": torch.tensor([0.2, 0.3, 0.5])})
     assert (copies["STATUS_OK"], copies["NOT_ASSESSABLE"]) == (STATUS_OK, NOT_ASSESSABLE)
-    assert (copies["RESULT_STATUS"], copies["RESULT_UNCERTAINTY"]) == (written.status_key, written.uncertainty_key)
+    assert (copies["RESULT_STATUS"], copies["RESULT_UNCERTAINTY"]) == (STATUS_KEY, UNCERTAINTY_KEY)
+    assert {STATUS_KEY, UNCERTAINTY_KEY} <= set(written)

@@ -1,6 +1,5 @@
-"""How far to trust one prediction: whether the input can be assessed, how uncertain the answer is, and which
-image regions drove the class (Grad-CAM). Their parameters are fitted on the validation split by
-``tools/calibrate.py``."""
+"""How far to trust one prediction: whether the input can be assessed, how uncertain the answer is, and which image
+regions drove the class (Grad-CAM). Their parameters are fitted on the validation split by ``tools/calibrate.py``."""
 
 from __future__ import annotations
 
@@ -20,20 +19,16 @@ from monai.visualize import GradCAM
 from .common import as_bool
 
 __all__ = [
-    "ClassActivationMapd",
-    "NOT_ASSESSABLE",
-    "STATUS_OK",
-    "InputCheckd",
-    "PredictionReliabilityd",
-    "image_problem",
-    "mahalanobis_distance",
-    "mask_disagreement",
-    "normalized_entropy",
-    "reliability_fields",
+    "STATUS_OK", "NOT_ASSESSABLE", "STATUS_KEY", "REASON_KEY", "UNCERTAINTY_KEY", "DISTANCE_KEY", "RELIABILITY_KEYS",
+    "image_problem", "InputCheckd", "normalized_entropy", "mahalanobis_distance", "mask_disagreement",
+    "reliability_fields", "PredictionReliabilityd", "ClassActivationMapd",
 ]
 
 STATUS_OK = "ok"
 NOT_ASSESSABLE = "not assessable"
+# keys PredictionReliabilityd writes; RELIABILITY_KEYS go into the result JSON and the predictions table
+STATUS_KEY, REASON_KEY, UNCERTAINTY_KEY, DISTANCE_KEY = "status", "status_reason", "uncertainty", "embedding_distance"
+RELIABILITY_KEYS = (STATUS_KEY, REASON_KEY, UNCERTAINTY_KEY)
 _MAX_QUANTILE_ELEMENTS = 1 << 20
 logger = logging.getLogger(__name__)
 
@@ -113,69 +108,55 @@ def mask_disagreement(lesion: torch.Tensor, lesion_other: torch.Tensor, threshol
     return 1.0 - float(compute_dice(*masks, include_background=True, ignore_empty=False))
 
 
-def reliability_fields(item: Mapping[Hashable, object], keys: Sequence[str]) -> dict[str, object]:
+def reliability_fields(item: Mapping[Hashable, object], keys: Sequence[str] = RELIABILITY_KEYS) -> dict[str, object]:
     """The reliability values of one item as plain JSON/CSV values (floats rounded), for the keys it holds."""
     return {key: round(float(item[key]), 6) if isinstance(item[key], float) else item[key]
             for key in keys if key in item}  # fmt: skip
 
 
 class PredictionReliabilityd(MapTransform):
-    """Per image: an uncertainty score, the embedding's distance to the training images, and a status.
+    """Per image: an uncertainty score, the embedding's distance to the training images, and a status, written to
+    ``UNCERTAINTY_KEY``, ``DISTANCE_KEY`` (NaN without statistics), ``STATUS_KEY`` and ``REASON_KEY``.
 
     The uncertainty is the normalized entropy of the class probabilities; with the mirrored view's outputs
-    (``AutocastInferer(flip_views=True)``) it is the mean of the entropy of the two views' mean probabilities and
-    their lesion-mask disagreement, the score that ranked mistakes best on validation. The status is
-    ``"not assessable"`` (with a reason) when the input check found a problem or the embedding lies farther than
+    (``<key>_flipped`` of ``AutocastInferer(flip_views=True)``) it is the mean of the entropy of the two views' mean
+    probabilities and their lesion-mask disagreement, the score that ranked mistakes best on validation. The status
+    is ``"not assessable"`` (with a reason) when the input check found a problem or the embedding lies farther than
     ``max_distance`` from the training images, ``"ok"`` otherwise.
 
     Args:
         cls_key: key of the class probabilities ``(C,)``.
         seg_key: key of the segmentation probabilities ``(3, X, Y)`` (channel 0: background).
-        flipped_suffix: suffix of the mirrored view's keys.
         embedding_key: key of the image's embedding ``(D,)``; missing: no distance.
         problem_key: key of :py:class:`InputCheckd`'s reason; missing: the input passes.
         embedding_stats: ``.pt`` file of the training embeddings' ``mean``, ``precision`` and the ``ckpt_sha256`` of
             their weights (``tools/calibrate.py``); ``None`` or missing: no distance.
-        checkpoint: the weights in use; statistics fitted for other weights are not used (with a warning).
         max_distance: Mahalanobis distance above which an image is not assessable; ``None``: never.
-        uncertainty_key: key to write the uncertainty to.
-        distance_key: key to write the distance to (NaN without statistics).
-        status_key: key to write the status to.
-        reason_key: key to write the reason of a "not assessable" status to.
+        checkpoint: the weights in use; statistics fitted for other weights are not used (with a warning).
     """
 
     def __init__(
         self,
         cls_key: str = "cls",
         seg_key: str = "pred",
-        flipped_suffix: str = "_flipped",
         embedding_key: str = "embedding",
         problem_key: str = "input_problem",
         embedding_stats: str | None = None,
         max_distance: float | None = None,
         checkpoint: str | None = None,
-        uncertainty_key: str = "uncertainty",
-        distance_key: str = "embedding_distance",
-        status_key: str = "status",
-        reason_key: str = "status_reason",
     ) -> None:
         super().__init__(keys=cls_key)
         self.cls_key = cls_key
         self.seg_key = seg_key
-        self.flipped_suffix = flipped_suffix
         self.embedding_key = embedding_key
         self.problem_key = problem_key
         self.stats = _load_statistics(embedding_stats, checkpoint)
         self.max_distance = max_distance
-        self.uncertainty_key = uncertainty_key
-        self.distance_key = distance_key
-        self.status_key = status_key
-        self.reason_key = reason_key
 
     def uncertainty(self, d: Mapping[Hashable, object]) -> float:
         """The uncertainty score of one item (see the class description)."""
         probs = torch.as_tensor(d[self.cls_key]).detach().float().cpu().reshape(-1)
-        flipped_cls, flipped_seg = self.cls_key + self.flipped_suffix, self.seg_key + self.flipped_suffix
+        flipped_cls, flipped_seg = f"{self.cls_key}_flipped", f"{self.seg_key}_flipped"
         if flipped_cls not in d or flipped_seg not in d:
             return float(normalized_entropy(probs))
         mean = (probs + torch.as_tensor(d[flipped_cls]).detach().float().cpu().reshape(-1)) / 2
@@ -184,30 +165,29 @@ class PredictionReliabilityd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
-        d[self.uncertainty_key] = self.uncertainty(d)
+        d[UNCERTAINTY_KEY] = self.uncertainty(d)
         distance = float("nan")
         if self.stats is not None and self.embedding_key in d:
             embedding = torch.as_tensor(d[self.embedding_key]).detach().float().cpu().reshape(-1)
             distance = float(mahalanobis_distance(embedding, *self.stats))
-        d[self.distance_key] = distance
+        d[DISTANCE_KEY] = distance
         reason = str(d.get(self.problem_key) or "")
         if not reason and self.max_distance is not None and distance > self.max_distance:
             reason = f"unlike the training images (embedding distance {distance:.1f} > {self.max_distance:.1f})"
-        d[self.status_key] = NOT_ASSESSABLE if reason else STATUS_OK
-        d[self.reason_key] = reason
+        d[STATUS_KEY] = NOT_ASSESSABLE if reason else STATUS_OK
+        d[REASON_KEY] = reason
         return d
 
 
 class _ClassLogits(torch.nn.Module):
     """The class logits of a multi-task network alone, the single output MONAI's CAM classes expect."""
 
-    def __init__(self, network: torch.nn.Module, key: str = "cls") -> None:
+    def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
-        self.key = key
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.network(x)[self.key]
+        return self.network(x)["cls"]
 
 
 class ClassActivationMapd(MapTransform):
