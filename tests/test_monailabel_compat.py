@@ -148,40 +148,17 @@ def test_output_keeps_an_extension_the_request_asked_for():
     assert out["result"]["class"] == "normal" and out["pred"].shape == (4, 4)
 
 
-def test_output_json_carries_the_segment_colours_when_given():
-    colours = {"benign": (0, 200, 0), "malignant": [230, 0, 0]}
-    transform = MonaiLabelOutputd(label_colors=colours)
+def test_output_json_carries_the_overlay_colour_of_every_segment():
+    """The JSON sends, in RGB, the colours ``scripts.io`` draws overlays with (``LESION_COLOURS``), for each segment
+    ``metadata.json`` names."""
+    segments = load_json(BUNDLE_ROOT / "configs" / "metadata.json")["network_data_format"]["outputs"]["pred"]
+    names = {int(value): name for value, name in segments["channel_def"].items() if int(value) > 0}
+    transform = MonaiLabelOutputd()
     image = MetaTensor(torch.zeros(1, 4, 4), meta={"spatial_shape": np.array((4, 4)), "filename_or_obj": "a.png"})
     data = {"image": image, "seg_pred": torch.zeros(1, 4, 4), "cls": torch.tensor([0.1, 0.8, 0.1])}
     result = transform(data)["result"]
     assert result["label_colors"] == {"benign": [0, 200, 0], "malignant": [230, 0, 0]}
+    assert result["label_colors"] == {name: list(LESION_COLOURS[value]) for value, name in names.items()}
     assert json.loads(json.dumps(result)) == result  # plain JSON values only
     result["label_colors"]["benign"][0] = 255  # a caller changing one result leaves the next one alone
     assert transform(data)["result"]["label_colors"]["benign"] == [0, 200, 0]
-    assert "label_colors" not in MonaiLabelOutputd()(data)["result"]
-
-
-@pytest.mark.parametrize(
-    "colours, message",
-    [
-        ({"lesion": [0, 200, 0]}, "not a class name"),
-        ({"benign": [0, 200]}, "3 integers"),
-        ({"benign": [0, 256, 0]}, "3 integers"),
-        ({"benign": [0.0, 0.8, 0.0]}, "3 integers"),
-    ],
-)
-def test_output_rejects_bad_colours(colours, message):
-    with pytest.raises(ValueError, match=message):
-        MonaiLabelOutputd(label_colors=colours)
-
-
-def test_served_colours_are_the_overlay_colours_of_every_segment():
-    """``inference.json`` sends, in RGB, the colours ``scripts.io`` draws overlays with (BGR), for each segment."""
-    inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
-    segments = load_json(BUNDLE_ROOT / "configs" / "metadata.json")["network_data_format"]["outputs"]["pred"]
-    names = {int(value): name for value, name in segments["channel_def"].items() if int(value) > 0}
-    colours = output_entry(inference)["label_colors"]
-    assert set(colours) == set(names.values()) == {"benign", "malignant"}
-    for value, name in names.items():
-        assert colours[name] == list(LESION_COLOURS[value]), name
-    assert MonaiLabelOutputd(class_names=inference["class_names"], label_colors=colours).label_colors == colours

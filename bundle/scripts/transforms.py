@@ -1,12 +1,10 @@
-"""Dictionary transforms that MONAI lacks for 2D breast ultrasound: any supported image flavour to one 2D channel,
-BUSI's lesion masks to a class-coded label map, scanner-like augmentation, and the two network outputs to one label
-map that agrees with the predicted class."""
+"""Transforms MONAI lacks for 2D breast ultrasound: any image flavour to one 2D channel, BUSI's masks to a class-coded
+label map, scanner-like augmentation, and the two network outputs to one label map that agrees with the class."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Mapping, Sequence
-from numbers import Integral
 
 import cv2
 import numpy as np
@@ -16,22 +14,13 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type, convert_to_tensor
 
-from .common import CLASS_NAMES
+from .common import CLASS_NAMES, LESION_COLOURS
 from .reliability import STATUS_OK, reliability_fields
 
 __all__ = [
-    "pil_to_supported_mode",
-    "to_single_channel_2d",
-    "SingleChannel2Dd",
-    "LoadLesionLabeld",
-    "SpeckleDenoised",
-    "RandSpeckleNoised",
-    "RandDepthAttenuationd",
-    "decide_class",
-    "LesionLabelMapd",
-    "class_from_label_map",
-    "ClassFromLabeld",
-    "MonaiLabelOutputd",
+    "pil_to_supported_mode", "to_single_channel_2d", "SingleChannel2Dd", "LoadLesionLabeld", "SpeckleDenoised",
+    "RandSpeckleNoised", "RandDepthAttenuationd", "decide_class", "LesionLabelMapd", "class_from_label_map",
+    "ClassFromLabeld", "MonaiLabelOutputd",
 ]
 
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
@@ -51,17 +40,14 @@ def pil_to_supported_mode(image):
 
 
 def to_single_channel_2d(img: torch.Tensor, reduction: str = "luminance", source: str = "") -> torch.Tensor:
-    """Reduce a channel-first image to ``(1, X, Y)``: singleton spatial axes dropped, the first frame of a cine
-    image kept (with a warning), colour channels reduced to their luminance (alpha ignored) or, for label maps, their
-    maximum.
+    """Reduce a channel-first image ``(C, X, Y[, Z...])`` to ``(1, X, Y)`` (a MetaTensor stays one): singleton
+    spatial axes dropped, the first frame of a cine image kept (with a warning), colour channels reduced to their
+    luminance (alpha ignored) or, for label maps, their maximum.
 
     Args:
-        img: channel-first image ``(C, X, Y[, Z...])``.
+        img: channel-first image.
         reduction: ``"luminance"`` for images, ``"max"`` for label maps.
         source: file name for messages.
-
-    Returns:
-        A ``(1, X, Y)`` tensor (a MetaTensor stays a MetaTensor).
 
     Raises:
         ValueError: for an image with fewer than two spatial axes or an unsupported channel count.
@@ -121,7 +107,6 @@ class LoadLesionLabeld(MapTransform):
         masks_key: key of the list of BUSI mask files.
         class_key: key of the class index of ``masks`` entries.
         loader: loader of masks and label maps; by default a ``LoadImage`` with channel-first output.
-        num_classes: number of classes, for checking label-map values.
     """
 
     def __init__(
@@ -131,7 +116,6 @@ class LoadLesionLabeld(MapTransform):
         masks_key: str = "masks",
         class_key: str = "class",
         loader: LoadImage | None = None,
-        num_classes: int = len(CLASS_NAMES),
     ) -> None:
         super().__init__(keys=[label_key], allow_missing_keys=True)
         self.image_key = image_key
@@ -139,7 +123,6 @@ class LoadLesionLabeld(MapTransform):
         self.masks_key = masks_key
         self.class_key = class_key
         self.loader = loader or LoadImage(image_only=True, ensure_channel_first=True)
-        self.num_classes = num_classes
 
     def _load_2d(self, path: str, d: Mapping) -> torch.Tensor:
         """A mask or label map as ``(1, X, Y)``, checked against the image's size."""
@@ -165,9 +148,9 @@ class LoadLesionLabeld(MapTransform):
             path = d[self.label_key]
             label = self._load_2d(path, d)
             values = torch.unique(label)
-            if values.min() < 0 or values.max() >= self.num_classes or not torch.all(values == values.round()):
+            if values.min() < 0 or values.max() >= len(CLASS_NAMES) or not torch.all(values == values.round()):
                 raise ValueError(
-                    f"{path}: label values must be integers in 0..{self.num_classes - 1} "
+                    f"{path}: label values must be integers in 0..{len(CLASS_NAMES) - 1} "
                     f"(0 background, 1 benign, 2 malignant), found {values.tolist()[:10]}."
                 )
             label = label.to(torch.uint8)
@@ -180,46 +163,26 @@ class LoadLesionLabeld(MapTransform):
 
 
 class SpeckleDenoised(MapTransform):
-    """Reduce ultrasound speckle with an edge-preserving OpenCV filter (the median: the values of MONAI's
-    ``MedianSmooth``, in 0.05 ms instead of 21 ms per 256 x 256 image on one CPU thread).
+    """Reduce ultrasound speckle with OpenCV's median filter: the values of MONAI's ``MedianSmooth``, in 0.05 ms
+    instead of 21 ms per 256 x 256 image on one CPU thread.
 
     Args:
         keys: keys of ``(1, X, Y)`` images.
-        method: ``"none"``, ``"median"``, ``"bilateral"`` or ``"nlmeans"`` (non-local means).
-        kernel_size: median kernel size, or bilateral neighbourhood diameter.
-        strength: bilateral sigma (in units of the image's intensity range / 255) or non-local means ``h``.
+        method: ``"median"``, or ``"none"`` to pass the images unchanged.
+        kernel_size: median kernel size.
         allow_missing_keys: don't raise if a key is missing.
     """
 
-    methods = ("none", "median", "bilateral", "nlmeans")
+    methods = ("none", "median")
 
     def __init__(
-        self,
-        keys: KeysCollection,
-        method: str = "median",
-        kernel_size: int = 3,
-        strength: float = 10.0,
-        allow_missing_keys: bool = False,
+        self, keys: KeysCollection, method: str = "median", kernel_size: int = 3, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if method not in self.methods:
             raise ValueError(f"denoising method must be one of {self.methods}, got '{method}'.")
         self.method = method
         self.kernel_size = kernel_size
-        self.strength = strength
-
-    def denoise(self, plane: np.ndarray) -> np.ndarray:
-        """Denoise one 2D float32 plane."""
-        if self.method == "median":
-            return cv2.medianBlur(plane, self.kernel_size)
-        low, high = float(plane.min()), float(plane.max())
-        scale = (high - low) / 255.0 or 1.0
-        if self.method == "bilateral":
-            return cv2.bilateralFilter(plane, self.kernel_size, self.strength * scale, self.kernel_size / 2)
-        as_uint8 = np.clip((plane - low) / scale, 0, 255).astype(np.uint8)
-        window = 2 * (self.kernel_size // 2) + 1
-        denoised = cv2.fastNlMeansDenoising(as_uint8, None, h=self.strength, templateWindowSize=window)
-        return denoised.astype(np.float32) * scale + low
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -227,7 +190,7 @@ class SpeckleDenoised(MapTransform):
             return d
         for key in self.key_iterator(d):
             plane = np.ascontiguousarray(torch.as_tensor(d[key])[0].detach().cpu().numpy(), dtype=np.float32)
-            d[key] = convert_to_dst_type(self.denoise(plane)[None], d[key])[0]
+            d[key] = convert_to_dst_type(cv2.medianBlur(plane, self.kernel_size)[None], d[key])[0]
         return d
 
 
@@ -307,19 +270,12 @@ class RandDepthAttenuationd(RandomizableTransform, MapTransform):
 def decide_class(
     probs: torch.Tensor, normal_threshold: float | None = None, malignant_threshold: float | None = None
 ) -> int:
-    """The class of one image from its probabilities ``(normal, benign, malignant)``.
+    """The class index of one image from its probabilities ``(normal, benign, malignant)``.
 
     Without thresholds: the arg-max. An image is malignant whenever ``p(malignant)`` reaches ``malignant_threshold``
-    (an operating point for cancer sensitivity), and normal only where ``p(normal)`` exceeds ``normal_threshold``;
-    otherwise the likelier of benign and malignant (benign where ``malignant_threshold`` was not reached).
-
-    Args:
-        probs: class probabilities ``(3,)``.
-        normal_threshold: ``None`` or a probability.
-        malignant_threshold: ``None`` or a probability.
-
-    Returns:
-        The class index.
+    (an operating point for cancer sensitivity), and normal only where ``p(normal)`` exceeds ``normal_threshold``
+    (``None``: where it exceeds ``p(benign)``); otherwise the likelier of benign and malignant (benign where
+    ``malignant_threshold`` was not reached).
     """
     probs = probs.flatten().float()
     if normal_threshold is None and malignant_threshold is None:
@@ -380,9 +336,7 @@ class LesionLabelMapd(MapTransform):
 
 def class_from_label_map(label: torch.Tensor) -> torch.Tensor:
     """Image class of a label map ``(1, X, Y)`` (0-d) or a batch ``(B, 1, X, Y)`` (``(B,)``): its largest value."""
-    if label.ndim == 4:
-        return label.flatten(1).amax(dim=1).long()
-    return label.max().long()
+    return label.flatten(start_dim=label.ndim - 3).amax(dim=-1).long()
 
 
 class ClassFromLabeld(MapTransform):
@@ -402,11 +356,11 @@ class ClassFromLabeld(MapTransform):
 class MonaiLabelOutputd(MapTransform):
     """Shape an inference result the way MONAI Label (and 3D Slicer through it) expects it.
 
-    MONAI Label saves ``output_key`` as the label file, in the input's format, and returns ``result_key`` as the JSON
-    response. This writes the label map as uint8 of the input file's own spatial shape (``(X, Y, 1)`` for a
-    single-slice NIfTI/NRRD), asks for a PNG label file for a JPEG input (``extension_key``, unless given), and puts
-    the class, its probabilities, the reliability values and the segment colours in the JSON (3D Slicer colours
-    segments only from its own table, by name; other clients may apply them).
+    MONAI Label saves ``pred`` as the label file, in the input's format, and returns ``result`` as the JSON response.
+    This writes the label map as uint8 of the input file's own spatial shape (``(X, Y, 1)`` for a single-slice
+    NIfTI/NRRD), asks for a PNG label file for a JPEG input (``result_extension``, unless given), and puts
+    the class, its probabilities, the reliability values and the RGB colour of each segment (``LESION_COLOURS``) in
+    the JSON (3D Slicer colours segments only from its own table, by name; other clients may apply them).
 
     Args:
         label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
@@ -414,17 +368,10 @@ class MonaiLabelOutputd(MapTransform):
         cls_pred_key: key of the predicted class index (the arg-max of the probabilities if missing; -1: the image
             is not assessable, and the JSON gets class ``None`` and no probabilities).
         image_key: key of the input image, a MetaTensor whose ``spatial_shape`` is the file's shape.
-        output_key: key to write the label map to (MONAI Label's ``pred``).
-        result_key: key to write the JSON result to (MONAI Label's ``result``).
         class_names: class names in index order.
-        extension_key: key of MONAI Label's label file extension.
-        label_colors: RGB colour (three integers 0-255) of each segment by class name; ``None`` leaves them out.
-        reliability_keys: keys copied into the JSON where present (``scripts.reliability``).
-
-    Raises:
-        ValueError: when ``label_colors`` names an unknown class or a colour is not three integers in 0-255.
     """
 
+    output_key, result_key, extension_key = "pred", "result", "result_extension"  # MONAI Label's names
     lossy_suffixes = (".jpg", ".jpeg")
 
     def __init__(
@@ -433,32 +380,14 @@ class MonaiLabelOutputd(MapTransform):
         cls_key: str = "cls",
         cls_pred_key: str = "cls_pred",
         image_key: str = "image",
-        output_key: str = "pred",
-        result_key: str = "result",
         class_names: Sequence[str] = CLASS_NAMES,
-        extension_key: str = "result_extension",
-        label_colors: Mapping[str, Sequence[int]] | None = None,
-        reliability_keys: Sequence[str] = ("status", "status_reason", "uncertainty"),
     ) -> None:
         super().__init__(keys=[label_map_key, cls_key])
         self.label_map_key = label_map_key
         self.cls_key = cls_key
         self.cls_pred_key = cls_pred_key
         self.image_key = image_key
-        self.output_key = output_key
-        self.result_key = result_key
         self.class_names = list(class_names)
-        self.extension_key = extension_key
-        self.reliability_keys = list(reliability_keys)
-        self.label_colors = None
-        if label_colors is not None:
-            for name, colour in label_colors.items():
-                if name not in self.class_names:
-                    raise ValueError(f"label_colors: '{name}' is not a class name {self.class_names}.")
-                is_byte = [isinstance(c, Integral) and not isinstance(c, bool) and 0 <= c <= 255 for c in colour]
-                if len(is_byte) != 3 or not all(is_byte):
-                    raise ValueError(f"label_colors['{name}']: expected 3 integers in 0-255 (RGB), got {colour}.")
-            self.label_colors = {name: [int(c) for c in colour] for name, colour in label_colors.items()}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -480,8 +409,7 @@ class MonaiLabelOutputd(MapTransform):
             "class_index": predicted,
             "probabilities": rounded if assessed else {},
             "lesion_pixels": int((label_map > 0).sum()),
-            **reliability_fields(d, self.reliability_keys),
+            **reliability_fields(d),
+            "label_colors": {self.class_names[value]: list(rgb) for value, rgb in LESION_COLOURS.items()},
         }
-        if self.label_colors is not None:
-            d[self.result_key]["label_colors"] = {name: list(rgb) for name, rgb in self.label_colors.items()}
         return d
