@@ -99,29 +99,17 @@ class LoadLesionLabeld(MapTransform):
     """Load the class-coded label map (0 background, 1 benign, 2 malignant) of an already loaded image.
 
     BUSI entries give ``masks`` (the lesion is the union of their non-zero pixels) and ``class`` (the value of the
-    lesion); MONAI Label entries give a ``label`` map file, loaded as it is. Either must match the image's size.
+    lesion); MONAI Label entries give a ``label`` map file, loaded as it is. Either must match the ``image``'s size.
+    The ``(1, X, Y)`` label map goes to ``label``.
 
     Args:
-        image_key: key of the loaded image.
-        label_key: key to write the ``(1, X, Y)`` label map to (and to read a label-map file from).
-        masks_key: key of the list of BUSI mask files.
-        class_key: key of the class index of ``masks`` entries.
         loader: loader of masks and label maps; by default a ``LoadImage`` with channel-first output.
     """
 
-    def __init__(
-        self,
-        image_key: str = "image",
-        label_key: str = "label",
-        masks_key: str = "masks",
-        class_key: str = "class",
-        loader: LoadImage | None = None,
-    ) -> None:
-        super().__init__(keys=[label_key], allow_missing_keys=True)
-        self.image_key = image_key
-        self.label_key = label_key
-        self.masks_key = masks_key
-        self.class_key = class_key
+    image_key, label_key, masks_key, class_key = "image", "label", "masks", "class"  # the datalist's keys
+
+    def __init__(self, loader: LoadImage | None = None) -> None:
+        super().__init__(keys=[self.label_key], allow_missing_keys=True)
         self.loader = loader or LoadImage(image_only=True, ensure_channel_first=True)
 
     def _load_2d(self, path: str, d: Mapping) -> torch.Tensor:
