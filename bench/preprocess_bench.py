@@ -23,7 +23,7 @@ import time
 
 from common import BUNDLE_ROOT, REPO_ROOT, machine, median, write_json
 
-METHODS = ("none", "median", "bilateral", "nlmeans")
+METHODS = ("none", "median")
 
 
 def per_item_ms(function, items, repeats: int = 1, random: bool = False) -> list[float]:

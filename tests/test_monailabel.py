@@ -306,10 +306,10 @@ def check_result(case: dict, result: dict) -> np.ndarray:
 
 
 def configured_label_colors() -> dict:
-    """``label_colors`` of the bundle's ``MonaiLabelOutputd`` (``inference.json``), as the server must send them."""
-    inference = json.loads((REPO_ROOT / "bundle" / "configs" / "inference.json").read_text())
-    (entry,) = [t for t in inference["postprocessing"]["transforms"] if t["_target_"].endswith("MonaiLabelOutputd")]
-    return entry["label_colors"]
+    """The bundle's lesion colours by segment name (``scripts.common``), as the server must send them."""
+    from scripts.common import CLASS_NAMES, LESION_COLOURS
+
+    return {CLASS_NAMES[value]: list(rgb) for value, rgb in LESION_COLOURS.items()}
 
 
 def check_slicer_result(case: dict, result: dict) -> None:
