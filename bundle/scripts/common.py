@@ -49,17 +49,10 @@ def stem_of(path: str | os.PathLike) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Write a file through ``write(temporary_path)``, flush it to disk, then move it into place in one step.
+    """Write ``path`` through ``write(temporary_path)``, flush it to disk, then move it into place in one step: a kill
+    or a failure at any moment leaves the previous file or the new one, never a partial file.
 
-    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        path: final file path; its folder is created if missing.
-        write: function that writes the file it is given (the temporary path keeps the final suffix, which
-            writers such as nibabel and ITK read the format from).
-
-    Returns:
-        The final path.
+    The temporary path keeps the final suffix, which writers such as nibabel and ITK read the format from.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,7 @@ class TrainingCheckpoint:
 
     @staticmethod
     def _transform(engine) -> Any:
+        """The training transform, whose random generators the checkpoint holds."""
         dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
         return getattr(dataset, "transform", dataset)
 
@@ -323,13 +324,12 @@ class TrainingCheckpoint:
         )
         if checkpoint.get("stopped_early"):
             stoppers = [obj._handler for obj in self.save_dict.values() if isinstance(obj, EarlyStopHandler)]
-            if not stoppers or any(stopper.counter >= stopper.patience for stopper in stoppers):
-                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do (pass a "
-                            "larger --early_stop_patience to train on).")  # fmt: skip
+            ended = not stoppers or any(stopper.counter >= stopper.patience for stopper in stoppers)
+            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; " + (
+                "nothing left to do (pass a larger --early_stop_patience to train on)." if ended
+                else "its patience is larger now, so the run continues."))  # fmt: skip
+            if ended:
                 engine.terminate()
-            else:
-                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; its patience is larger "
-                            "now, so the run continues.")  # fmt: skip
         elif max_epochs is not None and epoch >= max_epochs:
             logger.info(f"resume: all {max_epochs} epochs are done; pass a larger --max_epochs to train on.")
 

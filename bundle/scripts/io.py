@@ -152,8 +152,7 @@ def image_readers(max_pixels: int | None = None) -> list[ImageReader]:
 
 def check_readable(path: str, max_pixels: int | None = None) -> None:
     """Decode a whole image file once, as ``LoadImage`` will: a ``ValueError`` names the file if that fails."""
-    reader = BundleImageReader(max_pixels)
-    reader.get_data(reader.read(path))
+    BundleImageReader(max_pixels).get_data([str(path)])
 
 
 def list_images(
