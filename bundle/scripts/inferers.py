@@ -114,8 +114,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
         logger.info(f"backend: ONNX Runtime {onnxruntime.__version__}, CPU, {options.intra_op_num_threads} threads")
 
     def forward(self, inputs: torch.Tensor) -> Any:
