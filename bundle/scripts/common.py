@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "CLASS_NAMES", "LESION_COLOURS", "as_bool", "atomic_write", "display_image", "remove_stale_temporaries", "stem_of",
-    "suffix_of",
+    "suffix_of", "write_table",
 ]
 
 CLASS_NAMES: tuple[str, ...] = ("normal", "benign", "malignant")
@@ -48,17 +49,10 @@ def stem_of(path: str | os.PathLike) -> str:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
-    """Write a file through ``write(temporary_path)``, flush it to disk, then move it into place in one step.
+    """Write ``path`` through ``write(temporary_path)``, flush it to disk, then move it into place in one step: a kill
+    or a failure at any moment leaves the previous file or the new one, never a partial file.
 
-    A kill or a failure at any moment leaves either the previous file or the new one, never a partial file.
-
-    Args:
-        path: final file path; its folder is created if missing.
-        write: function that writes the file it is given (the temporary path keeps the final suffix, which
-            writers such as nibabel and ITK read the format from).
-
-    Returns:
-        The final path.
+    The temporary path keeps the final suffix, which writers such as nibabel and ITK read the format from.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +74,18 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     except OSError:
         pass
     return path
+
+
+def write_table(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Write rows as CSV atomically, with the keys of the first row as header."""
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_write(path, write)
 
 
 def remove_stale_temporaries(folder: Path) -> None:

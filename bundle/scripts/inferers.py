@@ -21,10 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def native_bf16(device_type: str) -> bool:
-    """Whether ``device_type`` (``"cpu"``, ``"cuda"``) computes bf16 natively, so that bf16 autocast is faster.
-
-    On a CPU without AVX-512 (AVX2 only) oneDNN emulates bf16 and autocast is about 10x slower than float32.
-    """
+    """Whether ``device_type`` computes bf16 natively (a CPU without AVX-512 emulates it, 10x slower than float32)."""
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device_type == "cpu":
@@ -41,18 +38,16 @@ def resolve_amp(amp: bool | str, device_type: str, dtype: str = "bfloat16") -> b
 
 
 class AutocastInferer(Inferer):
-    """Run the network under ``torch.autocast`` for the inputs' device type and return float32 outputs.
-
-    MONAI's engines only autocast on CUDA; this inferer gives the same speed-up on CPU (bf16), and the
-    channels-last layout lets oneDNN and cuDNN pick faster convolution kernels.
+    """Run the network under ``torch.autocast`` for the inputs' device type (MONAI's engines autocast on CUDA only)
+    with channels-last inputs, and return float32 outputs.
 
     Args:
-        enabled: ``"auto"``: :func:`resolve_amp` for the inputs' device, decided at the first call and logged once;
+        enabled: ``"auto"``: :func:`resolve_amp` for the inputs' device, decided and logged at the first call;
             ``True`` / ``False`` (or their text) force autocast on or off.
-        dtype: ``"bfloat16"`` or ``"float16"`` (float16 on CUDA only; it needs a gradient scaler to train).
+        dtype: ``"bfloat16"`` or ``"float16"`` (CUDA only; it needs a gradient scaler to train).
         channels_last: convert inputs to channels-last memory format (convert the network too); text is accepted.
-        flip_views: also run the network on the image mirrored along its first spatial axis and add, for a dict
-            output, each output mirrored back as ``<key>_flipped`` (``scripts.reliability`` compares the views).
+        flip_views: also run the network on the image mirrored along its first spatial axis and add each output of
+            a dict, mirrored back, as ``<key>_flipped`` (``scripts.reliability`` compares the views).
     """
 
     def __init__(
@@ -91,11 +86,8 @@ class AutocastInferer(Inferer):
 
 
 class OnnxRuntimeNetwork(torch.nn.Module):
-    """Run a network through ONNX Runtime's CPU provider, with the network's own inputs and dict outputs.
-
-    The network is exported with MONAI's ``convert_to_onnx`` (TorchScript-based exporter, opset 17, dynamic batch)
-    at the first call, with the weights a ``CheckpointLoader`` has loaded by then. On a CPU without native bf16 the
-    network runs 1.5x (256 px) to 2.6x (128 px) faster than float32 PyTorch (``bench/``).
+    """Run a network through ONNX Runtime's CPU provider (1.5x to 2.6x faster than float32 PyTorch without native
+    bf16, ``bench/``), exported by MONAI's ``convert_to_onnx`` at the first call, with the weights loaded by then.
 
     Args:
         network: the network; its outputs must be a tensor or a dict of tensors.
@@ -122,12 +114,11 @@ class OnnxRuntimeNetwork(torch.nn.Module):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = self.threads or torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = ["CPUExecutionProvider"]
-        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=providers)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
         logger.info(f"backend: ONNX Runtime {onnxruntime.__version__}, CPU, {options.intra_op_num_threads} threads")
 
     def forward(self, inputs: torch.Tensor) -> Any:
-        """Predict a float32 batch ``(B, C, H, W)``; returns the network's outputs as float32 CPU tensors."""
+        """The network's outputs for a ``(B, C, H, W)`` batch, as float32 CPU tensors."""
         inputs = inputs.float().cpu().contiguous()
         if self.session is None:
             self._build(inputs)
@@ -137,8 +128,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
 
 
 def select_backend(network: torch.nn.Module, backend: str = "torch") -> torch.nn.Module:
-    """What the engine calls: the network itself for ``backend="torch"``, or for ``"onnxruntime"`` (CPU only; needs
-    the ``onnxruntime`` package) the network wrapped in :class:`OnnxRuntimeNetwork`."""
+    """The network for ``backend="torch"``, or wrapped in :class:`OnnxRuntimeNetwork` for ``"onnxruntime"``."""
     backend = look_up_option(str(backend).strip().lower(), ("torch", "onnxruntime"))
     if backend == "torch":
         return network

@@ -1,12 +1,7 @@
-"""Reading inputs and writing predictions for the inference workflow.
-
-Every output is written atomically (:py:func:`scripts.common.atomic_write`), so an interrupted run never leaves a
-half-written file behind or damages the result of an earlier run.
-"""
+"""Reading inputs and writing predictions for the inference workflow; every output is written atomically."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -23,7 +18,7 @@ from monai.data import ImageReader, ITKReader, NibabelReader, PILReader
 from monai.utils import ensure_tuple, optional_import
 from PIL import Image
 
-from .common import CLASS_NAMES, LESION_COLOURS, as_bool, atomic_write, display_image, stem_of, suffix_of
+from .common import CLASS_NAMES, LESION_COLOURS, as_bool, atomic_write, display_image, stem_of, suffix_of, write_table
 from .reliability import reliability_fields
 from .transforms import pil_to_supported_mode
 
@@ -79,18 +74,12 @@ def _header_shape(path: str, dicom: Any) -> tuple[int, ...]:
 
 
 def check_image_file(path: str, max_pixels: int | None = None) -> None:
-    """Cheap checks before decoding: the file exists, is not empty, and is not larger than ``max_pixels``.
+    """Check from the header that the file exists, is not empty and has at most ``max_pixels`` (all frames or slices
+    together; default ``MAX_IMAGE_PIXELS``); a ``ValueError`` names the file and the reason.
 
-    Only the header is read, except for DICOM, whose pixels pydicom decodes: it raises Python errors where ITK's GDCM
-    dies with SIGFPE (a corrupt encapsulated, e.g. RLE, pixel stream, even when only the header is read). A
-    transfer syntax pydicom has no decoder for (e.g. JPEG Lossless without pylibjpeg) is left to GDCM unchecked.
-
-    Args:
-        path: image file.
-        max_pixels: largest accepted pixel count (all frames or slices together); default ``MAX_IMAGE_PIXELS``.
-
-    Raises:
-        ValueError: naming the file and the reason.
+    DICOM pixels are decoded by pydicom, which raises Python errors where ITK's GDCM dies with SIGFPE (a corrupt
+    encapsulated pixel stream, even when only the header is read); a transfer syntax pydicom cannot decode (e.g.
+    JPEG Lossless without pylibjpeg) is left to GDCM unchecked.
     """
     limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
@@ -125,16 +114,11 @@ def _pydicom_decodes(dataset: Any) -> bool:
 class BundleImageReader(ImageReader):
     """One MONAI image reader for every supported format, with bounded memory and errors that name the file.
 
-    PNG/JPG/BMP/TIFF go to ``PILReader`` (palette, bilevel and CMYK converted by ``pil_to_supported_mode``),
-    NIfTI to ``NibabelReader``, DICOM, NRRD and MetaImage to ``ITKReader``, each after :py:func:`check_image_file`.
-
-    ``LoadImage`` passes a file whose ``read`` fails to the next reader, MONAI's defaults included: MONAI's ITK
-    reader decodes a 20000 x 20000 PNG that PIL refuses (3 GB), and GDCM can crash on a corrupt DICOM. So ``read``
-    only records the file names, and all checks and decoding happen in ``get_data``, whose ``ValueError`` (naming
-    the file) reaches the caller unchanged.
-
-    Args:
-        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
+    After :py:func:`check_image_file` (``max_pixels``: as there), PNG/JPG/BMP/TIFF go to ``PILReader`` (with
+    ``pil_to_supported_mode``), NIfTI to ``NibabelReader``, DICOM, NRRD and MetaImage to ``ITKReader``.
+    ``LoadImage`` passes a file whose ``read`` fails on to the next reader (MONAI's ITK reader decodes a 20000 x 20000
+    PNG that PIL refuses; GDCM can crash on a corrupt DICOM), so ``read`` only records the names and all checks and
+    decoding happen in ``get_data``, whose ``ValueError`` reaches the caller.
     """
 
     def __init__(self, max_pixels: int | None = None) -> None:
@@ -168,8 +152,7 @@ def image_readers(max_pixels: int | None = None) -> list[ImageReader]:
 
 def check_readable(path: str, max_pixels: int | None = None) -> None:
     """Decode a whole image file once, as ``LoadImage`` will: a ``ValueError`` names the file if that fails."""
-    reader = BundleImageReader(max_pixels)
-    reader.get_data(reader.read(path))
+    BundleImageReader(max_pixels).get_data([str(path)])
 
 
 def list_images(
@@ -179,25 +162,21 @@ def list_images(
     skip_invalid: bool = True,
     max_pixels: int | None = None,
 ) -> list[dict[str, str]]:
-    """List the images to predict: one file, or every supported image under a folder (recursively).
+    """List the images to predict: one file, or every supported image under a folder (recursively), sorted.
 
-    Hidden files, non-image files and (by default) BUSI ``_mask`` files are left out (their number is logged).
-    DICOM files are recognised by suffix or, without a suffix, by content. Each image is decoded once; an
-    unreadable or too large one is reported (logged, and listed in ``<output_dir>/skipped.csv``) and skipped.
+    Hidden, non-image and (by default) BUSI ``_mask`` files are left out (logged); DICOM without a suffix is
+    recognised by content. Each image is decoded once: an unreadable one is logged, listed in
+    ``<output_dir>/skipped.csv`` and skipped (with ``skip_invalid``; else its ``ValueError`` is raised).
 
     Args:
         path: an image file or a folder.
-        output_dir: where to write ``skipped.csv`` (only when something was skipped).
+        output_dir: where to write ``skipped.csv``.
         exclude_masks: leave out files whose name ends with ``_mask`` or ``_mask_<k>``.
         skip_invalid: skip unreadable images instead of raising.
-        max_pixels: largest accepted pixel count (all frames together); default ``MAX_IMAGE_PIXELS``.
+        max_pixels: as in :py:func:`check_image_file`.
 
     Returns:
-        ``[{"image": absolute path}, ...]`` in sorted order.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: no image found, or an unreadable image when ``skip_invalid`` is False.
+        ``[{"image": absolute path}, ...]``; a ``ValueError`` if there is none.
     """
     root = Path(path).expanduser().resolve()
     if not root.exists():
@@ -212,7 +191,7 @@ def list_images(
             and (suffix_of(p) in IMAGE_SUFFIXES or is_dicom(p))
             and not (exclude_masks and MASK_NAME.search(stem_of(p)))
         ]
-        ignored = [str(p.relative_to(root)) for p in files if p not in set(candidates)]
+        ignored = [str(p.relative_to(root)) for p in sorted(set(files) - set(candidates))]
         if ignored:
             shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
             logger.info(f"{root}: left out {len(ignored)} hidden, mask or non-image files: {shown}.")
@@ -233,18 +212,6 @@ def list_images(
     return images
 
 
-def write_table(path: Path, rows: Sequence[dict]) -> Path:
-    """Write rows as CSV atomically, with the keys of the first row as header."""
-
-    def write(temporary: str) -> None:
-        with open(temporary, "w", newline="", encoding="utf-8") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
-
-
 def label_map_suffix(source: str) -> str:
     """Output format of a label map: PNG for 2D picture formats, NIfTI for NIfTI, NRRD for the rest."""
     suffix = suffix_of(source)
@@ -252,16 +219,8 @@ def label_map_suffix(source: str) -> str:
 
 
 def save_label_map(label_map: np.ndarray, source: str, path: str | os.PathLike) -> Path:
-    """Save a 2D label map with the size and geometry of its source image.
-
-    Args:
-        label_map: ``(X, Y)`` uint8 label map in MONAI's axis order (the source's first axis first).
-        source: the input image file; NIfTI and ITK geometry (affine, origin, spacing, direction) is copied.
-        path: output file; ``.png``, ``.nii.gz`` or ``.nrrd`` as given by :py:func:`label_map_suffix`.
-
-    Returns:
-        The written path.
-    """
+    """Save an ``(X, Y)`` label map (MONAI's axis order) as ``path`` (``.png``, ``.nii.gz`` or ``.nrrd``) with the
+    size and geometry (NIfTI affine; ITK origin, spacing, direction) of its ``source`` image."""
     label_map = np.ascontiguousarray(label_map, dtype=np.uint8)
     suffix = suffix_of(path)
     if suffix == ".png":
@@ -294,18 +253,8 @@ def _save_picture(picture: np.ndarray, path: str | os.PathLike, caption: str) ->
 def save_overlay(
     image: np.ndarray, label_map: np.ndarray, path: str | os.PathLike, caption: str = "", alpha: float = 0.35
 ) -> Path:
-    """Save an RGB overlay of the label map on the image, lesion outlined, in its ``LESION_COLOURS``.
-
-    Args:
-        image: ``(X, Y)`` image (any intensity range).
-        label_map: ``(X, Y)`` label map of the same size.
-        path: output PNG file.
-        caption: text written in the top-left corner.
-        alpha: opacity of the lesion fill.
-
-    Returns:
-        The written path.
-    """
+    """Save a PNG of the ``(X, Y)`` label map over the ``(X, Y)`` image, lesions filled (opacity ``alpha``) and
+    outlined in their ``LESION_COLOURS``, with ``caption`` in the top-left corner."""
     overlay = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2RGB)
     labels = np.ascontiguousarray(label_map.T, dtype=np.uint8)
     for value, colour in LESION_COLOURS.items():
@@ -320,17 +269,8 @@ def save_overlay(
 
 
 def save_explanation(image: np.ndarray, heat: np.ndarray, path: str | os.PathLike, caption: str = "") -> Path:
-    """Save a class-activation map as a heat map (blue low, red high) blended with the image.
-
-    Args:
-        image: ``(X, Y)`` image (any intensity range).
-        heat: ``(X, Y)`` map in [0, 1] of the same size.
-        path: output PNG file.
-        caption: text written in the top-left corner.
-
-    Returns:
-        The written path.
-    """
+    """Save a PNG of an ``(X, Y)`` class-activation map in [0, 1] as a heat map (blue low, red high) blended with the
+    ``(X, Y)`` image, with ``caption`` in the top-left corner."""
     grey = cv2.cvtColor(display_image(image), cv2.COLOR_GRAY2RGB)
     heat_map = cv2.applyColorMap(np.ascontiguousarray(np.clip(heat.T, 0, 1) * 255, dtype=np.uint8), cv2.COLORMAP_JET)
     return _save_picture(cv2.addWeighted(cv2.cvtColor(heat_map, cv2.COLOR_BGR2RGB), 0.4, grey, 0.6, 0), path, caption)
@@ -340,23 +280,20 @@ class PredictionWriter:
     """Ignite handler that writes, per image, the label map, an overlay and a row of class probabilities.
 
     Per input ``<name>.<ext>`` it writes ``<name>_seg.<png|nii.gz|nrrd>`` (label map at the input's size and
-    geometry: 0 background, 1 benign lesion, 2 malignant lesion) and ``<name>_overlay.png``, in the input's
-    sub-folder under ``output_dir``. When the run completes, ``predictions.csv`` and ``predictions.json`` list per
-    image the predicted class, the probabilities and the reliability columns the items carry; an image that is not
-    assessable has no class, no probabilities and an empty label map. With ``explanation_maps``, items that carry a
-    class-activation map also get ``<name>_cam.png`` (column ``explanation_map``).
+    geometry: 0 background, 1 benign, 2 malignant lesion), ``<name>_overlay.png`` and, with ``explanation_maps``,
+    ``<name>_cam.png``, in the input's sub-folder under ``output_dir``; at the end ``predictions.csv`` and
+    ``predictions.json`` list per image the class, probabilities and reliability columns (none for an image that is
+    not assessable, whose label map is empty).
 
     Args:
         output_dir: output folder.
         input_root: folder the inputs were listed from, to mirror sub-folders (``None``: flat output).
         class_names: class names, index order.
-        label_map_key: key of the ``(1, X, Y)`` label map at the input's size.
-        cls_prob_key: key of the class probabilities.
-        cls_pred_key: key of the predicted class index (-1: not assessable).
-        image_key: key of the image at the input's size, for overlays.
+        label_map_key, cls_prob_key, cls_pred_key, image_key, explanation_key: keys of the ``(1, X, Y)`` label map,
+            the class probabilities, the predicted class (-1: not assessable), the image and the class-activation
+            map, each at the input's size.
         reliability_keys: keys written as columns when the items carry them (``scripts.reliability``).
-        explanation_key: key of the ``(1, X, Y)`` class-activation map at the input's size.
-        explanation_maps: write the maps and their column (text is accepted).
+        explanation_maps: write the class-activation maps and their column (text is accepted).
     """
 
     def __init__(
@@ -386,7 +323,6 @@ class PredictionWriter:
         self.rows: list[dict] = []
 
     def attach(self, engine) -> None:
-        """Register the handler with an ignite engine."""
         engine.add_event_handler(Events.STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_batch)
         engine.add_event_handler(Events.COMPLETED, self.write_tables)
@@ -397,9 +333,10 @@ class PredictionWriter:
     def output_stem(self, source: str) -> Path:
         """Output path without suffix for a source image."""
         source_path = Path(source).resolve()
+        folder = self.output_dir
         if self.input_root is not None and self.input_root in source_path.parents:
-            return self.output_dir / source_path.parent.relative_to(self.input_root) / stem_of(source_path)
-        return self.output_dir / stem_of(source_path)
+            folder = folder / source_path.parent.relative_to(self.input_root)
+        return folder / stem_of(source_path)
 
     def write_one(self, item: dict) -> dict:
         """Write the files of one prediction and return its table row."""

@@ -1,19 +1,13 @@
 """Segmentation and classification metrics, the ignite metrics of training and the evaluation report.
 
-Class indices are 0 normal, 1 benign, 2 malignant; label maps use the same values (0 background; a normal image
-has an all-zero map) and the *lesion* mask of a map is ``map > 0``.
-
-Lesion Dice / IoU convention: the per-image lesion Dice (IoU) compares the lesion masks of prediction and ground
-truth; it is 1 when both are empty and 0 when only one is. The headline ``lesion_dice`` / ``lesion_iou`` is the
-mean over the images whose ground truth HAS a lesion, so normal images neither inflate nor deflate it; false
-positives on normal images are reported as ``normal_false_positive_rate``. ``tools/evaluation_figures.py`` draws
-the figures of an evaluation from what :class:`EvaluationReport` writes.
+Label maps hold 0 background, 1 benign, 2 malignant lesion; the *lesion* mask of a map is ``map > 0``. The
+per-image lesion Dice (IoU) is 1 when both masks are empty and 0 when only one is; the headline ``lesion_dice`` /
+``lesion_iou`` is the mean over the images whose ground truth HAS a lesion, so normal images neither inflate nor
+deflate it (their false positives are ``normal_false_positive_rate``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -33,7 +27,7 @@ from monai.data import decollate_batch
 from monai.handlers.utils import from_engine
 from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, compute_roc_auc
 
-from .common import CLASS_NAMES, atomic_write, display_image
+from .common import CLASS_NAMES, atomic_write, display_image, write_table
 
 __all__ = ["ClassificationF1", "EvaluationReport", "LesionDice", "classification_metrics", "segmentation_metrics"]
 
@@ -72,17 +66,16 @@ def lesion_dice_iou(seg_pred: Any, label: Any) -> tuple[float, float]:
 
 
 def segmentation_metrics(seg_preds: Any, labels: Any) -> dict[str, Any]:
-    """Segmentation metrics of a set of images (which may differ in size).
+    """Segmentation metrics of images that may differ in size.
 
     Args:
         seg_preds: predicted maps, a sequence of ``(1, H, W)``/``(H, W)`` maps or an ``(N, [1,] H, W)`` array.
         labels: ground-truth maps in the same layout.
 
     Returns:
-        ``lesion_dice``/``lesion_iou`` (NaN without lesion images), their population ``_std``,
-        ``lesion_dice_all_images``; over all pixels ``pixel_accuracy``, ``background_iou``, ``lesion_pixel_iou``,
-        their mean ``mean_iou`` (as the BUSI notebooks quote it) and ``dice_<value name>`` (NaN for a value absent
-        from both); ``normal_false_positive_rate``; image counts; ``per_image`` lesion Dice and IoU lists.
+        ``lesion_dice``/``lesion_iou`` (NaN without lesion images) and their ``_std``, ``lesion_dice_all_images``;
+        over all pixels ``pixel_accuracy``, ``background_iou``, ``lesion_pixel_iou``, their ``mean_iou`` and
+        ``dice_<value name>``; ``normal_false_positive_rate``; image counts; ``per_image`` lesion Dice and IoU.
     """
     preds, gts = _maps(seg_preds), _maps(labels)
     if len(preds) != len(gts):
@@ -140,14 +133,14 @@ def classification_metrics(probs: Any, preds: Any, labels: Any, class_names: Seq
 
     Args:
         probs: class probabilities, a sequence of ``(C,)`` vectors or an ``(N, C)`` array.
-        preds: predicted class per sample (see :func:`_class_indices`); ``None`` uses ``argmax(probs)``.
+        preds: predicted class per sample (see :func:`_class_indices`); ``None``: ``argmax(probs)``.
         labels: true class per sample.
         class_names: one name per class.
 
     Returns:
-        ``accuracy``; ``macro_`` precision, recall, f1 and auc (NaN-ignoring means; AUC: MONAI's one-vs-rest);
-        ``per_class`` ``{name: {precision, recall, f1, support, auc}}``; ``confusion_matrix`` (rows true);
-        ``class_names``; ``num_samples``.
+        ``accuracy``; NaN-ignoring ``macro_`` precision, recall, f1 and auc (MONAI's one-vs-rest); ``per_class``
+        ``{name: {precision, recall, f1, support, auc}}``; ``confusion_matrix`` (rows true); ``class_names``;
+        ``num_samples``.
     """
     num_classes = len(class_names)
     probs = torch.stack([torch.as_tensor(p).detach().cpu().double().flatten() for p in probs])
@@ -181,8 +174,8 @@ class LesionDice(Metric):
     """Mean lesion Dice over the images whose ground truth has a lesion (0.0 before any), as an ignite metric.
 
     Args:
-        output_transform: maps ``engine.state.output`` to ``(seg_preds, labels)``; by default
-            ``from_engine(["seg_pred", "label"])`` of a decollated evaluator output.
+        output_transform: ``engine.state.output`` to ``(seg_preds, labels)``; default ``from_engine(["seg_pred",
+            "label"])``.
         device: device of the accumulators.
         skip_unrolling: ``True`` hands :meth:`update` a whole iteration, ``False`` one sample at a time.
     """
@@ -213,13 +206,12 @@ class LesionDice(Metric):
 
 
 class ClassificationF1(ConfusionMatrix):
-    """Macro F1 of predicted class indices, by ignite's confusion matrix (see :func:`precision_recall_f1`).
+    """Macro F1 (:func:`precision_recall_f1`) of predicted classes, by ignite's confusion matrix.
 
     Args:
-        output_transform: maps ``engine.state.output`` to ``(preds, labels)``, one class per sample; by default
-            ``from_engine(["cls_pred", "cls_label"])``.
-        num_classes: number of classes.
-        device, skip_unrolling: as in :class:`LesionDice`.
+        output_transform: ``engine.state.output`` to ``(preds, labels)``; default ``from_engine(["cls_pred",
+            "cls_label"])``.
+        num_classes, device, skip_unrolling: as in ignite's ``ConfusionMatrix`` and :class:`LesionDice`.
     """
 
     def __init__(
@@ -243,16 +235,15 @@ class ClassificationF1(ConfusionMatrix):
 class EvaluationReport:
     """Ignite handler writing the evaluation report of a segmentation + classification evaluator.
 
-    Per sample of the decollated ``engine.state.output`` it reads ``image``, ``label``, ``seg_pred``, ``cls``
-    (probabilities), ``cls_pred`` and ``cls_label``; at EPOCH_COMPLETED it writes into ``output_dir``, each file
+    It reads ``KEYS`` of each sample of ``engine.state.output``; every epoch it writes into ``output_dir``, each file
     atomically, ``metrics.json`` (:func:`segmentation_metrics` and :func:`classification_metrics`, NaN as
     ``null``), ``per_image.csv`` (file name, true and predicted class, probabilities, lesion Dice and IoU) and
-    ``per_image_maps.npz`` (display image, ground truth and predicted map of each row, rows first, for the
-    overlays of ``tools/evaluation_figures.py``), and puts the headline numbers into ``engine.state.metrics``.
-    In a distributed run the samples of all ranks are gathered and rank 0 writes.
+    ``per_image_maps.npz`` (display image, ground truth and predicted map per row, for
+    ``tools/evaluation_figures.py``), and puts ``HEADLINE`` into ``engine.state.metrics``. In a distributed run
+    rank 0 writes the samples of all ranks.
 
     Args:
-        output_dir: folder of the report, created if missing; overwritten every epoch.
+        output_dir: folder of the report, created if missing.
         class_names: one name per class.
         prefix: prefix of the names put into ``engine.state.metrics``.
     """
@@ -305,28 +296,25 @@ class EvaluationReport:
             return
         segmentation = segmentation_metrics([r["seg_pred"] for r in records], [r["label"] for r in records])
         per_image = segmentation.pop("per_image")
-        classes = {key: [r[key] for r in records] for key in ("prob", "cls_pred", "cls_label")}
-        classification = classification_metrics(*classes.values(), self.class_names)
-        summary = {"segmentation": segmentation, "classification": classification, "num_images": len(records)}
-        summary["num_lesion_images"] = segmentation["num_lesion_images"]
+        classes = ([r[key] for r in records] for key in ("prob", "cls_pred", "cls_label"))
+        classification = classification_metrics(*classes, self.class_names)
         values = {**segmentation, "normal_fp_rate": segmentation["normal_false_positive_rate"], **classification}
         headline = {name: values[name] for name in self.HEADLINE}
         engine.state.metrics.update({f"{self.prefix}{name}": value for name, value in headline.items()})
         if idist.get_rank() != 0:
             return
-        table = io.StringIO()
-        columns = ["filename", "true_class", "pred_class", *(f"prob_{name}" for name in self.class_names)]
-        csv.writer(table).writerow([*columns, "lesion_dice", "lesion_iou"])
-        for r, dice, iou in zip(records, per_image["lesion_dice"], per_image["lesion_iou"]):
-            classes = [self.class_names[r["cls_label"]], self.class_names[r["cls_pred"]]]
-            csv.writer(table).writerow([r["name"], *classes, *(f"{value:.6f}" for value in (*r["prob"], dice, iou))])
-        text = {
-            "metrics.json": json.dumps(json.loads(json.dumps(summary), parse_constant=lambda _: None), indent=2),
-            "per_image.csv": table.getvalue(),
-        }
-        for name, content in text.items():
-            atomic_write(os.path.join(self.output_dir, name), lambda path: Path(path).write_text(content, newline=""))
+        summary = {"segmentation": segmentation, "classification": classification, "num_images": len(records),
+                   "num_lesion_images": segmentation["num_lesion_images"]}  # fmt: skip
+        text = json.dumps(json.loads(json.dumps(summary), parse_constant=lambda _: None), indent=2)
+        atomic_write(os.path.join(self.output_dir, "metrics.json"), lambda path: Path(path).write_text(text))
+        rows = [
+            {"filename": r["name"], "true_class": self.class_names[r["cls_label"]],
+             "pred_class": self.class_names[r["cls_pred"]],
+             **{f"prob_{name}": f"{p:.6f}" for name, p in zip(self.class_names, r["prob"])},
+             "lesion_dice": f"{dice:.6f}", "lesion_iou": f"{iou:.6f}"}
+            for r, dice, iou in zip(records, per_image["lesion_dice"], per_image["lesion_iou"])
+        ]  # fmt: skip
+        write_table(os.path.join(self.output_dir, "per_image.csv"), rows)
         maps = {f"{key}_{i}": r[key] for i, r in enumerate(records) for key in ("image", "label", "seg_pred")}
-        maps_path = os.path.join(self.output_dir, "per_image_maps.npz")
-        atomic_write(maps_path, lambda path: np.savez_compressed(path, **maps))
+        atomic_write(os.path.join(self.output_dir, "per_image_maps.npz"), lambda tmp: np.savez_compressed(tmp, **maps))
         logger.info("Evaluation of %d images written to %s: %s", len(records), self.output_dir, headline)
