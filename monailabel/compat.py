@@ -113,7 +113,9 @@ def _missing_in_train(train: dict) -> list[str]:
         )
     if "training" in train and train["training"] != TRAINING_ALIAS:
         needed.append(f'configs/train.json: training = "{TRAINING_ALIAS}"')
-    if COMMON_META_ENTRY not in train.get("deterministic_transforms", []):
+    steps = [{k: v for k, v in step.items() if k != "_desc_"} if isinstance(step, dict) else step
+             for step in train.get("deterministic_transforms", [])]  # fmt: skip
+    if COMMON_META_ENTRY not in steps:
         needed.append("configs/train.json: deterministic_transforms ends with a Lambdad keeping only filename_or_obj")
     return needed
 
