@@ -311,7 +311,7 @@ def _set_config_values(values: dict[str, object]) -> None:
 def main(
     dataset_dir: str,
     ckpt: str = str(BUNDLE / "models" / "model.pt"),
-    image_size: int = 128,
+    image_size: int | None = None,
     shrinkage: float = 0.3,
     quantile: float = 0.99,
     sensitivity: float = 0.9,
@@ -322,7 +322,7 @@ def main(
     Args:
         dataset_dir: the BUSI folder.
         ckpt: the weights to calibrate.
-        image_size: the network input size the weights were trained at.
+        image_size: the network input size the weights were trained at (default: ``train.json``'s).
         shrinkage: covariance shrinkage of the embedding statistics.
         quantile: share of the validation images, as they are and under the training augmentation (two draws
             each), that stays below the embedding distance threshold.
@@ -330,7 +330,7 @@ def main(
             probabilities).
         write: write the statistics, the configs and the docs (``False``: print only).
     """
-    overrides = {"image_size": [image_size, image_size]}
+    overrides = {"image_size": [image_size, image_size]} if image_size else {}
     splits = {split: ablate.predict_split(dataset_dir, ckpt, overrides, split, tta=True)
               for split in ("training", "validation", "test")}  # fmt: skip
     val, test = splits["validation"], splits["test"]
