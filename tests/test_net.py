@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scripts.encoders import HEAD_KEYS, EfficientNetLite0Encoder, has_lite0_weights, lite0_weights_path
-from scripts.net import ClassificationHead, MultiTaskResUNet, ResidualEncoder
+from scripts.net import ClassificationHead, GlobalAverageMaximumPool, MultiTaskResUNet, ResidualEncoder
 
 TINY = {"channels": (8, 16, 32), "strides": (2, 2, 2), "decoder_channels": (16, 8, 8)}
 LITE = {"encoder": "efficientnet-lite0", "decoder_channels": (32, 16, 16, 8, 8)}
@@ -92,6 +92,29 @@ def test_classification_head_reads_bottleneck(monkeypatch):
     assert not torch.allclose(skip["pred"], plain["pred"])  # the skip feature does reach the decoder
     head = ClassificationHead(2, in_channels=32, num_classes=3, hidden_channels=16).eval()
     assert head(torch.randn(4, 32, 5, 7)).shape == (4, 3)
+
+
+def test_average_maximum_pooling_keeps_a_small_bright_spot():
+    """One hot cell out of 25 is diluted 25 times by the average but kept whole by the maximum."""
+    features = torch.zeros(2, 4, 5, 5)
+    features[1, 2, 3, 1] = 5.0
+    pooled = GlobalAverageMaximumPool()(features)
+    assert pooled.shape == (2, 8)
+    torch.testing.assert_close(pooled[1], torch.tensor([0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 5.0, 0.0]))
+    assert not pooled[0].any()
+
+
+def test_class_pooling_is_a_choice_that_keeps_the_checkpoint_keys():
+    """``cls_pooling="avgmax"`` doubles the classifier's input width; the parameter names stay those of the
+    average-pooled head, so checkpoints of either kind load by name."""
+    average, both = (MultiTaskResUNet(**TINY, cls_pooling=p).eval() for p in ("avg", "avgmax"))
+    assert average.state_dict().keys() == both.state_dict().keys()
+    assert both.classification_head.layers[3].in_features == 2 * average.classification_head.layers[3].in_features
+    assert both(torch.randn(1, 1, 64, 64))["cls"].shape == (1, 3)
+    image = torch.ones(1, 1, 64, 64)
+    torch.testing.assert_close(torch.jit.script(both)(image)["cls"], both(image)["cls"])
+    with pytest.raises(ValueError, match="pooling"):
+        MultiTaskResUNet(**TINY, cls_pooling="median")
 
 
 @pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])

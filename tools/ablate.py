@@ -94,6 +94,7 @@ VARIANTS: dict[str, dict] = {
     "recipe_0.3_scratch": SCRATCH_ENCODER,
     "recipe_0.3_pretrained": PRETRAINED_ENCODER,
     "ema": {**PRETRAINED_ENCODER, **_with_ema()},
+    "cls_avgmax_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avgmax"},
     # the ablations of version 0.2.0, on its recipe
     "multitask": RECIPE_0_2,
     "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
@@ -104,8 +105,8 @@ VARIANTS: dict[str, dict] = {
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "multitask", "segmentation_only",
-          "classification_only")
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "cls_avgmax_pooling", "multitask",
+          "segmentation_only", "classification_only")
 
 
 def _budget(image_size: int, epochs: int) -> dict:

