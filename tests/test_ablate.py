@@ -73,10 +73,15 @@ def test_variants_override_existing_config_entries(ablate):
     assert 0.005 < ema["ema_handler"]["momentum"] < 0.02  # a half-life of two epochs of 34 steps
 
 
-def test_ece_of_a_perfectly_calibrated_sample():
+def _calibrate_module():
     spec = importlib.util.spec_from_file_location("calibrate", REPO_ROOT / "tools" / "calibrate.py")
     calibrate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(calibrate)
+    return calibrate
+
+
+def test_ece_of_a_perfectly_calibrated_sample():
+    calibrate = _calibrate_module()
     certain = np.eye(3)[[0, 1, 2, 1] * 10]
     assert calibrate.ece_sampling_floor(certain, draws=20)["mean"] == 0.0
     unsure = np.tile([[0.2, 0.5, 0.3]], (116, 1))
@@ -84,6 +89,26 @@ def test_ece_of_a_perfectly_calibrated_sample():
     assert 0.02 < floor["mean"] < 0.08 and floor["p95"] > floor["mean"]  # about sqrt(0.25 / 116) = 0.046
     labels = np.full(116, 1)
     assert abs(calibrate.expected_calibration_error(unsure, labels)[0] - 0.5) < 1e-9  # confidence 0.5, accuracy 1
+
+
+def test_sensitivity_alternatives_are_chosen_on_validation_and_scored_elsewhere():
+    calibrate = _calibrate_module()
+
+    def probs(malignant_p: list[float]) -> np.ndarray:
+        return np.array([[0.0, 1.0 - p, p] for p in malignant_p])
+
+    # validation: cancers at 0.9, 0.8, 0.2, 0.1 and benign lesions at 0.05, 0.3, 0.5
+    validation, validation_labels = probs([0.9, 0.8, 0.2, 0.1, 0.05, 0.3, 0.5]), np.array([2, 2, 2, 2, 1, 1, 1])
+    other, other_labels = probs([0.15, 0.7, 0.01, 0.85]), np.array([2, 2, 1, 1])
+    rows = calibrate.sensitivity_alternatives(
+        {"validation": validation, "test": other}, {"validation": validation_labels, "test": other_labels}, (0.5, 1.0)
+    )
+    assert [row["threshold"] for row in rows] == [0.8, 0.1]  # the 2nd and 4th highest validation cancer
+    assert rows[0]["validation"] == {"sensitivity": 0.5, "specificity": 1.0}
+    assert rows[1]["validation"] == {"sensitivity": 1.0, "specificity": pytest.approx(1 / 3)}
+    # the other split is only scored at the validation thresholds
+    assert rows[0]["test"] == {"sensitivity": 0.0, "specificity": 0.5}
+    assert rows[1]["test"] == {"sensitivity": 1.0, "specificity": 0.5}
 
 
 def test_malignant_operating_point(ablate):

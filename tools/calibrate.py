@@ -18,7 +18,8 @@ the test split is only scored, once, with what was chosen:
    installed packages (scikit-image, pydicom, nibabel), with the BUSI test images as the in-distribution side.
 
 4. **Malignant operating point**: the ``p(malignant)`` threshold (calibrated) that reaches ``sensitivity`` malignant
-   recall on validation, with the specificity it costs on validation and test.
+   recall on validation, with the specificity it costs on validation and test; the same for recall targets 0.90,
+   0.95 and 1.0 (``alternatives``), also scored under the training augmentation.
 
 Usage (writes ``bundle/models/embedding_stats.pt``, sets ``cls_temperature``, ``max_embedding_distance`` and
 ``malignant_threshold`` in ``inference.json`` (``cls_temperature`` also in ``evaluate.json``), and writes the
@@ -158,6 +159,24 @@ def augmented_predictions(dataset_dir: str, ckpt: str, overrides: dict, repeats:
                 embeddings.append(out["embedding"][0].numpy())
                 log_probs.append(torch.log_softmax(out["cls"][0].float(), dim=0).numpy())
     return {"embedding": np.stack(embeddings), "log_probs": np.stack(log_probs)}
+
+
+def sensitivity_alternatives(
+    probs: dict[str, np.ndarray], labels: dict[str, np.ndarray], targets: tuple[float, ...] = (0.9, 0.95, 1.0)
+) -> list[dict]:
+    """Malignant thresholds for several recall targets, each chosen on ``probs["validation"]``, with the malignant
+    recall and benign specificity they give on every split in ``probs`` (calibrated ``(N, 3)`` probabilities): what a
+    site that must miss fewer cancers pays for a lower ``malignant_threshold``. Only the validation rows choose."""
+    rows = []
+    for target in targets:
+        threshold = ablate.malignant_operating_point(probs["validation"], labels["validation"], target)["threshold"]
+        row: dict = {"sensitivity_target": target, "threshold": threshold}
+        for split, p in probs.items():
+            malignant, benign = p[labels[split] == 2, 2], p[labels[split] == 1, 2]
+            row[split] = {"sensitivity": float((malignant >= threshold).mean()),
+                          "specificity": float((benign < threshold).mean())}  # fmt: skip
+        rows.append(row)
+    return rows
 
 
 def ece_sampling_floor(probs: np.ndarray, draws: int = 2000, seed: int = 0) -> dict[str, float]:
@@ -376,6 +395,11 @@ def main(
                                             ("operating_point", single[split], malignant_threshold),
                                             ("flip_tta_arg_max", flipped[split], None))},
     }  # fmt: skip
+    operating_point["alternatives"] = sensitivity_alternatives(
+        {"validation": single["validation"]["cls"], "test": single["test"]["cls"],
+         "augmented_validation": softmax(augmented["log_probs"], temperature)},
+        {"validation": val_labels, "augmented_validation": augmented["label"], "test": test_labels},
+    )  # fmt: skip
     uncertainty: dict = {}
     for split, outputs in (("validation", val), ("test", test)):
         errors = image_errors(outputs, temperature, malignant_threshold)
