@@ -422,6 +422,13 @@ def sweep(
     return "\n".join(lines)
 
 
+def rates_at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """Malignant recall (``sensitivity``) and benign images not called malignant (``specificity``) when an image
+    is called malignant at ``p(malignant) >= threshold``; ``probs`` ``(N, 3)``, ``labels`` ``(N,)``."""
+    malignant, benign = probs[labels == 2, 2], probs[labels == 1, 2]
+    return {"sensitivity": float((malignant >= threshold).mean()), "specificity": float((benign < threshold).mean())}
+
+
 def malignant_operating_point(probs: np.ndarray, labels: np.ndarray, sensitivity: float = 0.9) -> dict:
     """The highest ``p(malignant)`` threshold whose malignant recall reaches ``sensitivity``, and what it costs.
 
@@ -447,8 +454,7 @@ def malignant_operating_point(probs: np.ndarray, labels: np.ndarray, sensitivity
     roc = [(float((benign >= x).mean()), float((malignant >= x).mean())) for x in np.unique(scores)[::-1]]
     return {
         "threshold": threshold,
-        "sensitivity": float((malignant >= threshold).mean()),
-        "specificity": float((benign < threshold).mean()),
+        **rates_at_threshold(probs, labels, threshold),
         "benign_malignant_auc": float(compute_roc_auc(torch.as_tensor(scores), torch.as_tensor(truth))),
         "roc_fpr_tpr": roc,
     }
@@ -479,9 +485,7 @@ def operating_point(
     labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
     result = malignant_operating_point(outputs["cls"], labels, sensitivity)
     if threshold is not None:
-        malignant, benign = outputs["cls"][labels == 2, 2], outputs["cls"][labels == 1, 2]
-        result.update(threshold=threshold, sensitivity=float((malignant >= threshold).mean()),
-                      specificity=float((benign < threshold).mean()))  # fmt: skip
+        result.update(threshold=threshold, **rates_at_threshold(outputs["cls"], labels, threshold))
     result["scores_at_threshold"] = score(outputs, malignant_threshold=result["threshold"])
     result["scores_arg_max"] = score(outputs)
     print(json.dumps({k: v for k, v in result.items() if k != "roc_fpr_tpr"}, indent=2))

@@ -171,10 +171,7 @@ def sensitivity_alternatives(
     for target in targets:
         threshold = ablate.malignant_operating_point(probs["validation"], labels["validation"], target)["threshold"]
         row: dict = {"sensitivity_target": target, "threshold": threshold}
-        for split, p in probs.items():
-            malignant, benign = p[labels[split] == 2, 2], p[labels[split] == 1, 2]
-            row[split] = {"sensitivity": float((malignant >= threshold).mean()),
-                          "specificity": float((benign < threshold).mean())}  # fmt: skip
+        row.update({split: ablate.rates_at_threshold(p, labels[split], threshold) for split, p in probs.items()})
         rows.append(row)
     return rows
 
@@ -386,8 +383,7 @@ def main(
     operating_point = {
         "sensitivity_target": sensitivity, "threshold": malignant_threshold,
         "validation": {k: point[k] for k in ("sensitivity", "specificity", "benign_malignant_auc")},
-        "test": {"sensitivity": float((single["test"]["cls"][test_labels == 2, 2] >= malignant_threshold).mean()),
-                 "specificity": float((single["test"]["cls"][test_labels == 1, 2] < malignant_threshold).mean()),
+        "test": {**ablate.rates_at_threshold(single["test"]["cls"], test_labels, malignant_threshold),
                  "benign_malignant_auc": test_point["benign_malignant_auc"]},
         "scores": {f"{split}_{mode}": ablate.score(outputs, malignant_threshold=t)
                    for split in ("validation", "test")
