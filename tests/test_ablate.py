@@ -125,3 +125,6 @@ def test_malignant_operating_point(ablate):
                            "label": np.repeat(labels, 4).reshape(10, 2, 2).astype(np.uint8)},
                           malignant_threshold=0.3)  # fmt: skip
     assert scores["malignant_recall"] == pytest.approx(0.8)
+    # the threshold-free scores do not depend on the threshold: all 5 cancers need 0.1, below which 1 benign stays
+    assert scores["benign_malignant_auc"] == pytest.approx(14 / 20)
+    assert scores["specificity_at_0.9_recall"] == pytest.approx(0.25)

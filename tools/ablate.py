@@ -10,7 +10,10 @@ Scores per variant:
 - ``dice_seg``: lesion Dice of the segmentation head alone (lesion = background probability < 0.5);
 - ``dice``: lesion Dice of the shipped label map, which is emptied when the image is classified normal;
 - ``normal_fp``: share of normal images whose shipped label map is not empty;
-- ``accuracy``, ``macro_f1``, ``macro_auc`` of the classification head.
+- ``accuracy``, ``macro_f1``, ``macro_auc`` of the classification head;
+- ``benign_malignant_auc`` of ``p(malignant)`` between benign and malignant images, and ``specificity_at_0.9_recall``,
+  the benign specificity of the highest threshold that finds 90 % of the cancers: the threshold-free view of the
+  shipped malignant operating point, which is chosen on validation.
 
 Usage::
 
@@ -95,6 +98,7 @@ VARIANTS: dict[str, dict] = {
     "recipe_0.3_pretrained": PRETRAINED_ENCODER,
     "ema": {**PRETRAINED_ENCODER, **_with_ema()},
     "cls_avgmax_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avgmax"},
+    "cls_lesion_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avglesion"},
     # the ablations of version 0.2.0, on its recipe
     "multitask": RECIPE_0_2,
     "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
@@ -105,8 +109,8 @@ VARIANTS: dict[str, dict] = {
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "cls_avgmax_pooling", "multitask",
-          "segmentation_only", "classification_only")
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "cls_avgmax_pooling",
+          "cls_lesion_pooling", "multitask", "segmentation_only", "classification_only")
 
 
 def _budget(image_size: int, epochs: int) -> dict:
@@ -235,6 +239,7 @@ def score(
     dice_seg = [lesion_dice_iou(p, y)[0] for p, y in zip(lesion[has], label[has])]
     dice_iou = [lesion_dice_iou(p, y) for p, y in zip(shipped[has], label[has])]
     metrics = classification_metrics(probs, preds, labels)
+    high_recall = malignant_operating_point(probs, labels, sensitivity=0.9)
     return {
         "dice_seg": float(np.mean(dice_seg)),
         "dice": float(np.mean([d for d, _ in dice_iou])),
@@ -246,6 +251,8 @@ def score(
         "malignant_recall": metrics["per_class"]["malignant"]["recall"],
         "normal_recall": metrics["per_class"]["normal"]["recall"],
         "lesion_called_normal": float((preds[has] == 0).mean()),
+        "benign_malignant_auc": high_recall["benign_malignant_auc"],
+        "specificity_at_0.9_recall": high_recall["specificity"],
     }
 
 
@@ -344,7 +351,7 @@ def report(out: str = "runs/ablation") -> str:
         result = json.loads(path.read_text())
         results.setdefault(result["variant"], []).append(result)
     keys = ("dice_seg", "dice", "normal_fp", "accuracy", "macro_f1", "macro_auc", "malignant_recall",
-            "lesion_called_normal")  # fmt: skip
+            "lesion_called_normal", "benign_malignant_auc", "specificity_at_0.9_recall")  # fmt: skip
     lines = ["| variant | seeds | " + " | ".join(keys) + " |", "| --- | ---: |" + " ---: |" * len(keys)]
     for name in VARIANTS:
         runs = results.get(name)

