@@ -99,6 +99,7 @@ VARIANTS: dict[str, dict] = {
     "ema": {**PRETRAINED_ENCODER, **_with_ema()},
     "cls_avgmax_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avgmax"},
     "cls_lesion_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avglesion"},
+    "deep_supervision": {**PRETRAINED_ENCODER, "network_def#deep_supervision": 2},
     # the ablations of version 0.2.0, on its recipe
     "multitask": RECIPE_0_2,
     "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
@@ -110,7 +111,7 @@ VARIANTS: dict[str, dict] = {
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
 SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "cls_avgmax_pooling",
-          "cls_lesion_pooling", "multitask", "segmentation_only", "classification_only")
+          "cls_lesion_pooling", "deep_supervision", "multitask", "segmentation_only", "classification_only")
 
 
 def _budget(image_size: int, epochs: int) -> dict:
