@@ -107,9 +107,11 @@ class ClassificationHead(nn.Module):
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}: one of {self.POOLINGS}.")
-        pool: nn.Module = {"avgmax": GlobalAverageMaximumPool(), "avglesion": GlobalAverageLesionPool()}.get(
-            pooling, nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
-        )
+        pool: nn.Module
+        if pooling == "avg":
+            pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
+        else:
+            pool = GlobalAverageMaximumPool() if pooling == "avgmax" else GlobalAverageLesionPool()
         self.reads_lesion_map = pooling == "avglesion"
         # the pooling stays the first layer, so every pooling keeps the parameter names of the shipped weights
         self.layers = nn.Sequential(
