@@ -8,7 +8,7 @@ import torch
 from monai.transforms import LoadImage, LoadImaged, MedianSmooth
 from PIL import Image
 
-from scripts.io import image_readers
+from scripts.io import BundleImageReader
 from scripts.transforms import (
     LesionLabelMapd,
     LoadLesionLabeld,
@@ -30,7 +30,8 @@ def grey() -> np.ndarray:
 
 
 def _load(path) -> torch.Tensor:
-    data = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)({"image": str(path)})
+    load = LoadImaged("image", reader=BundleImageReader(), image_only=True, ensure_channel_first=True)
+    data = load({"image": str(path)})
     return SingleChannel2Dd("image")(data)["image"]
 
 
@@ -105,7 +106,7 @@ def _mask(path, array, mode=None):
 
 
 def _label_transform():
-    return LoadLesionLabeld(loader=LoadImage(reader=image_readers(), image_only=True, ensure_channel_first=True))
+    return LoadLesionLabeld(loader=LoadImage(reader=BundleImageReader(), image_only=True, ensure_channel_first=True))
 
 
 def test_masks_are_merged_and_class_coded(tmp_path, grey):
@@ -122,7 +123,7 @@ def test_masks_are_merged_and_class_coded(tmp_path, grey):
         _mask(tmp_path / "benign (1)_mask_1.png", second, "RGBA"),
         _mask(tmp_path / "benign (1)_mask_2.png", binary),
     ]
-    data = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)(
+    data = LoadImaged("image", reader=BundleImageReader(), image_only=True, ensure_channel_first=True)(
         {"image": str(tmp_path / "benign (1).png"), "masks": masks, "class": 2}
     )
     label = _label_transform()(SingleChannel2Dd("image")(data))["label"]
@@ -138,7 +139,7 @@ def test_label_map_entries_and_their_errors(tmp_path, grey):
     Image.fromarray(grey).save(tmp_path / "img.png")
     label_map = np.zeros((H, W), np.uint8)
     label_map[3:7, 4:9] = 1
-    loader = LoadImaged("image", reader=image_readers(), image_only=True, ensure_channel_first=True)
+    loader = LoadImaged("image", reader=BundleImageReader(), image_only=True, ensure_channel_first=True)
     data = loader({"image": str(tmp_path / "img.png"), "label": _mask(tmp_path / "lab.png", label_map)})
     label = _label_transform()(data)["label"]
     np.testing.assert_array_equal(label[0].numpy().T, label_map)

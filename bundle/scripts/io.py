@@ -28,8 +28,8 @@ pydicom, _ = optional_import("pydicom")
 Events, _ = optional_import("ignite.engine", name="Events")
 
 __all__ = [
-    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "BundleImageReader", "image_readers", "check_image_file", "check_readable",
-    "list_images", "save_label_map", "save_overlay", "save_explanation", "PredictionWriter",
+    "IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "BundleImageReader", "check_image_file", "list_images", "save_label_map",
+    "save_overlay", "save_explanation", "PredictionWriter",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,12 +102,13 @@ def check_image_file(path: str, max_pixels: int | None = None) -> None:
 
 
 def _pydicom_decodes(dataset: Any) -> bool:
+    """Whether pydicom can decode the pixels of ``dataset`` (a transfer syntax it knows a working decoder for)."""
     from pydicom.pixels import get_decoder
 
     syntax = dataset.file_meta.get("TransferSyntaxUID") if hasattr(dataset, "file_meta") else None
     try:
         return syntax is None or get_decoder(syntax).is_available
-    except NotImplementedError:  # a transfer syntax pydicom knows no decoder for
+    except NotImplementedError:
         return False
 
 
@@ -145,16 +146,6 @@ class BundleImageReader(ImageReader):
             raise ValueError(f"{img[0]}: cannot read this image ({type(error).__name__}: {error})") from error
 
 
-def image_readers(max_pixels: int | None = None) -> list[ImageReader]:
-    """Readers for ``LoadImage``: one :py:class:`BundleImageReader` (``max_pixels``: as there)."""
-    return [BundleImageReader(max_pixels)]
-
-
-def check_readable(path: str, max_pixels: int | None = None) -> None:
-    """Decode a whole image file once, as ``LoadImage`` will: a ``ValueError`` names the file if that fails."""
-    BundleImageReader(max_pixels).get_data([str(path)])
-
-
 def list_images(
     path: str,
     output_dir: str | None = None,
@@ -165,7 +156,7 @@ def list_images(
     """List the images to predict: one file, or every supported image under a folder (recursively), sorted.
 
     Hidden, non-image and (by default) BUSI ``_mask`` files are left out (logged); DICOM without a suffix is
-    recognised by content. Each image is decoded once: an unreadable one is logged, listed in
+    recognised by content. Each image is decoded once, as ``LoadImage`` will: an unreadable one is logged, listed in
     ``<output_dir>/skipped.csv`` and skipped (with ``skip_invalid``; else its ``ValueError`` is raised).
 
     Args:
@@ -195,10 +186,10 @@ def list_images(
         if ignored:
             shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
             logger.info(f"{root}: left out {len(ignored)} hidden, mask or non-image files: {shown}.")
-    images, skipped = [], []
+    images, skipped, reader = [], [], BundleImageReader(max_pixels)
     for candidate in map(str, candidates):
         try:
-            check_readable(candidate, max_pixels)
+            reader.get_data([candidate])
             images.append({"image": candidate})
         except ValueError as error:
             if not skip_invalid:
@@ -285,40 +276,31 @@ class PredictionWriter:
     ``predictions.json`` list per image the class, probabilities and reliability columns (none for an image that is
     not assessable, whose label map is empty).
 
+    Each item of ``engine.state.output`` holds, at the input's size, the ``(1, X, Y)`` label map ``seg_pred``, the
+    class probabilities ``cls``, the predicted class ``cls_pred`` (-1: not assessable), the image ``display_image``,
+    the class-activation map ``cam`` and the ``RELIABILITY_KEYS`` of ``scripts.reliability``.
+
     Args:
         output_dir: output folder.
         input_root: folder the inputs were listed from, to mirror sub-folders (``None``: flat output).
         class_names: class names, index order.
-        label_map_key, cls_prob_key, cls_pred_key, image_key, explanation_key: keys of the ``(1, X, Y)`` label map,
-            the class probabilities, the predicted class (-1: not assessable), the image and the class-activation
-            map, each at the input's size.
-        reliability_keys: keys written as columns when the items carry them (``scripts.reliability``).
         explanation_maps: write the class-activation maps and their column (text is accepted).
     """
+
+    label_map_key, cls_prob_key, cls_pred_key = "seg_pred", "cls", "cls_pred"
+    image_key, explanation_key = "display_image", "cam"
 
     def __init__(
         self,
         output_dir: str,
         input_root: str | None = None,
         class_names: Sequence[str] = CLASS_NAMES,
-        label_map_key: str = "seg_pred",
-        cls_prob_key: str = "cls",
-        cls_pred_key: str = "cls_pred",
-        image_key: str = "display_image",
-        reliability_keys: Sequence[str] = ("status", "status_reason", "uncertainty"),
-        explanation_key: str = "cam",
         explanation_maps: bool | str = False,
     ) -> None:
         self.output_dir = Path(output_dir)
         root = Path(input_root).expanduser().resolve() if input_root else None
         self.input_root = root if root is not None and root.is_dir() else None
         self.class_names = list(class_names)
-        self.label_map_key = label_map_key
-        self.cls_prob_key = cls_prob_key
-        self.cls_pred_key = cls_pred_key
-        self.image_key = image_key
-        self.reliability_keys = list(reliability_keys)
-        self.explanation_key = explanation_key
         self.explanation_maps = as_bool(explanation_maps, "explanation_maps")
         self.rows: list[dict] = []
 
@@ -363,7 +345,7 @@ class PredictionWriter:
         row.update({f"p_{name}": round(float(p), 6) if assessed else None
                     for name, p in zip(self.class_names, probabilities)})  # fmt: skip
         row["lesion_pixels"] = int((label_map > 0).sum())
-        row.update(reliability_fields(item, self.reliability_keys))
+        row.update(reliability_fields(item))
         return row
 
     def write_batch(self, engine) -> None:
