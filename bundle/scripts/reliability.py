@@ -56,7 +56,7 @@ def image_problem(image: torch.Tensor, min_size: int = 32, min_contrast: float =
 
 class InputCheckd(MapTransform):
     """Write why the loaded image cannot be assessed (:py:func:`image_problem`) to ``output_key``; place it right
-    after loading."""
+    after loading (a ``Lambdad`` would do, but ``Invertd`` would then try to invert it)."""
 
     def __init__(
         self, keys: KeysCollection = "image", output_key: str = "input_problem", min_size: int = 32,

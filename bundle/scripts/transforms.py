@@ -20,7 +20,7 @@ from .reliability import STATUS_OK, reliability_fields
 __all__ = [
     "pil_to_supported_mode", "to_single_channel_2d", "SingleChannel2Dd", "LoadLesionLabeld", "SpeckleDenoised",
     "RandSpeckleNoised", "RandDepthAttenuationd", "decide_class", "LesionLabelMapd", "class_from_label_map",
-    "ClassFromLabeld", "MonaiLabelOutputd",
+    "MonaiLabelOutputd",
 ]
 
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
@@ -42,15 +42,13 @@ def pil_to_supported_mode(image):
 def to_single_channel_2d(img: torch.Tensor, reduction: str = "luminance", source: str = "") -> torch.Tensor:
     """Reduce a channel-first image ``(C, X, Y[, Z...])`` to ``(1, X, Y)`` (a MetaTensor stays one): singleton
     spatial axes dropped, the first frame of a cine image kept (with a warning), colour channels reduced to their
-    luminance (alpha ignored) or, for label maps, their maximum.
+    luminance (alpha ignored) or, for label maps (``reduction="max"``), their maximum.
 
     Args:
         img: channel-first image.
         reduction: ``"luminance"`` for images, ``"max"`` for label maps.
-        source: file name for messages.
-
-    Raises:
-        ValueError: for an image with fewer than two spatial axes or an unsupported channel count.
+        source: file name for messages; a ``ValueError`` names it for fewer than two spatial axes or an
+            unsupported channel count.
     """
     if img.ndim < 3:
         raise ValueError(f"{source}: expected a 2D image, got shape {tuple(img.shape)}.")
@@ -325,20 +323,6 @@ class LesionLabelMapd(MapTransform):
 def class_from_label_map(label: torch.Tensor) -> torch.Tensor:
     """Image class of a label map ``(1, X, Y)`` (0-d) or a batch ``(B, 1, X, Y)`` (``(B,)``): its largest value."""
     return label.flatten(start_dim=label.ndim - 3).amax(dim=-1).long()
-
-
-class ClassFromLabeld(MapTransform):
-    """Write the image class of a label map (:py:func:`class_from_label_map`) to ``output_key``."""
-
-    def __init__(self, keys: KeysCollection = "label", output_key: str = "cls_label") -> None:
-        super().__init__(keys)
-        self.output_key = output_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[self.output_key] = class_from_label_map(torch.as_tensor(d[key]))
-        return d
 
 
 class MonaiLabelOutputd(MapTransform):
