@@ -192,7 +192,7 @@ def set_random_states(states: Mapping, transform: Any = None) -> None:
 
 
 class TrainingCheckpoint:
-    """Write a full training checkpoint every epoch, and resume from it.
+    """Write a full training checkpoint at the end of every epoch, and resume from it.
 
     Attach it after the validation handler, so that a checkpoint includes that epoch's validation, early-stopping
     and best-model state. ``checkpoint.pt`` holds ``format``, ``epoch``, ``iteration``, ``stopped_early``,
@@ -206,29 +206,23 @@ class TrainingCheckpoint:
         save_dict: named objects with ``state_dict`` / ``load_state_dict``, ignite engines (the validator: its best
             metric) or MONAI's ``EarlyStopHandler``; ``trainer`` and ``random_states`` are reserved names.
         resume: load ``path`` at start if it exists (text is accepted).
-        save_interval: write every this many epochs.
         map_location: device for the loaded tensors.
     """
 
     def __init__(
-        self,
-        path: str | os.PathLike,
-        save_dict: Mapping[str, Any],
-        resume: bool | str = False,
-        save_interval: int = 1,
+        self, path: str | os.PathLike, save_dict: Mapping[str, Any], resume: bool | str = False,
         map_location: Any = "cpu",
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.path = Path(path)
         self.save_dict = dict(save_dict)
         if "trainer" in self.save_dict or "random_states" in self.save_dict:
             raise ValueError("save_dict may not use the reserved names 'trainer' and 'random_states'.")
         self.resume = as_bool(resume, "resume")
-        self.save_interval = save_interval
         self.map_location = map_location
 
     def attach(self, engine) -> None:
         engine.add_event_handler(Events.STARTED, self.start)
-        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     @staticmethod
     def _transform(engine) -> Any:

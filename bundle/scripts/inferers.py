@@ -90,14 +90,13 @@ class OnnxRuntimeNetwork(torch.nn.Module):
     bf16, ``bench/``), exported by MONAI's ``convert_to_onnx`` at the first call, with the weights loaded by then.
 
     Args:
-        network: the network; its outputs must be a tensor or a dict of tensors.
-        threads: intra-op threads of the session; default: ``torch.get_num_threads()``.
+        network: the network; its outputs must be a tensor or a dict of tensors. The session runs with
+            ``torch.get_num_threads()`` intra-op threads.
     """
 
-    def __init__(self, network: torch.nn.Module, threads: int | None = None) -> None:
+    def __init__(self, network: torch.nn.Module) -> None:
         super().__init__()
         self.network = network
-        self.threads = threads
         self.session: Any = None  # built at the first call
 
     def _build(self, inputs: torch.Tensor) -> None:
@@ -112,7 +111,7 @@ class OnnxRuntimeNetwork(torch.nn.Module):
             dynamic_axes=dynamic_axes, dynamo=False,
         )  # fmt: skip
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = self.threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(model.SerializeToString(), options, ["CPUExecutionProvider"])
         logger.info(f"backend: ONNX Runtime {onnxruntime.__version__}, CPU, {options.intra_op_num_threads} threads")
