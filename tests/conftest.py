@@ -31,6 +31,13 @@ TINY_NETWORK = {
     "image_size": [64, 64],
 }
 TINY_NETWORK_ARGS = [arg for key, value in TINY_NETWORK.items() for arg in (f"--{key}", str(value))]  # for fire
+RSS_WRAPPER = (  # runs `python -m monai.bundle` and writes its peak resident memory to the file named first
+    "import atexit, resource, runpy, sys\n"
+    "out = sys.argv.pop(1)\n"
+    "atexit.register(lambda: open(out, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
+    "sys.argv[0] = 'monai.bundle'\n"
+    "runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)\n"
+)
 for _path in (BUNDLE_ROOT, TOOLS_DIR):  # the bundle's scripts; tools/synthetic.py, the test-data generator
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
@@ -44,14 +51,44 @@ def load_tool(name: str) -> ModuleType:
     return module
 
 
-def run_bundle(*args: str) -> subprocess.CompletedProcess:
-    """Run ``python -m monai.bundle run`` from the repository root, as a user would."""
+def bundle_command(*args: str, rss_file: Path | None = None) -> list[str]:
+    """``python -m monai.bundle run ARGS``; with ``rss_file``, the process writes its peak RSS (KiB) there."""
+    if rss_file is None:
+        return [sys.executable, "-m", "monai.bundle", "run", *args]
+    return [sys.executable, "-c", RSS_WRAPPER, str(rss_file), "run", *args]
+
+
+def run_bundle(*args: str, ok: bool = True, rss_file: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the repository root, as a user would; ``ok``: it must succeed, else
+    it must fail."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO_ROOT, capture_output=True, text=True, env=env
+        bundle_command(*args, rss_file=rss_file), cwd=REPO_ROOT, capture_output=True, text=True, env=env
     )
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    output = f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert (result.returncode == 0) == ok, output
     return result
+
+
+def tiny_model_file(path: Path, seed: int = 0) -> Path:
+    """A randomly initialised ``TINY_NETWORK`` saved as ``{"model": state_dict}``, like training's model.pt."""
+    import torch
+
+    from scripts.net import MultiTaskResUNet
+
+    torch.manual_seed(seed)
+    network = MultiTaskResUNet(**{key.split("#", 1)[1]: value for key, value in TINY_NETWORK.items() if "#" in key})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": network.state_dict()}, path)
+    return path
+
+
+def predict(inputs: Path, out: Path, model: Path, *extra: str, ok: bool = True, rss_file: Path | None = None):
+    """Run inference.json with the tiny network's weights ``model`` on ``inputs``, writing to ``out``."""
+    return run_bundle(
+        "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
+        "--ckpt_path", str(model), *TINY_NETWORK_ARGS, *extra, ok=ok, rss_file=rss_file,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -32,8 +32,7 @@ from PIL import Image
 from scripts.io import MAX_IMAGE_PIXELS, BundleImageReader, check_image_file, list_images
 from scripts.transforms import LUMINANCE_WEIGHTS, SingleChannel2Dd
 
-from .conftest import REPO_ROOT
-from .test_reliability import predict, tiny_model_file
+from .conftest import REPO_ROOT, predict, tiny_model_file
 
 H, W = 40, 52
 US_IMAGE = "1.2.840.10008.5.1.4.1.1.6.1"  # Ultrasound Image Storage

@@ -12,7 +12,6 @@ import pickle
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,76 +30,19 @@ from scripts.handlers import (
     plain,
 )
 
-from .conftest import REPO_ROOT
-
-TINY_NETWORK = [
-    "--network_def#encoder", "residual",
-    "--network_def#pretrained", "False",
-    "--network_def#channels", "[8, 16, 32, 64]",
-    "--network_def#strides", "[2, 2, 2, 2]",
-    "--network_def#decoder_channels", "[32, 16, 8, 8]",
-    "--image_size", "[64, 64]",
-]  # fmt: skip
-TINY_KWARGS = {"channels": [8, 16, 32, 64], "strides": [2, 2, 2, 2], "decoder_channels": [32, 16, 8, 8]}
-RSS_WRAPPER = (
-    "import atexit, resource, runpy, sys\n"
-    "out = sys.argv.pop(1)\n"
-    "atexit.register(lambda: open(out, 'w').write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))\n"
-    "sys.argv[0] = 'monai.bundle'\n"
-    "runpy.run_module('monai.bundle', run_name='__main__', alter_sys=True)\n"
-)
-
-
-def bundle_command(*args: str, rss_file: Path | None = None) -> list[str]:
-    """``python -m monai.bundle run ARGS``; with ``rss_file``, the process writes its peak RSS (KiB) there."""
-    if rss_file is None:
-        return [sys.executable, "-m", "monai.bundle", "run", *args]
-    return [sys.executable, "-c", RSS_WRAPPER, str(rss_file), "run", *args]
-
-
-def run_bundle(*args: str, ok: bool = True, rss_file: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a bundle command from the repository root; ``ok``: it must succeed, else it must fail."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(
-        bundle_command(*args, rss_file=rss_file), cwd=REPO_ROOT, capture_output=True, text=True, env=env
-    )
-    output = f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    assert (result.returncode == 0) == ok, output
-    return result
-
-
-def tiny_model_file(path: Path, seed: int = 0) -> Path:
-    """A randomly initialised tiny network saved as ``{"model": state_dict}``, like training's model.pt."""
-    from scripts.net import MultiTaskResUNet
-
-    torch.manual_seed(seed)
-    network = MultiTaskResUNet(spatial_dims=2, in_channels=1, seg_out_channels=3, num_classes=3, **TINY_KWARGS)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": network.state_dict()}, path)
-    return path
-
-
-def predict(inputs: Path, out: Path, model: Path, ok: bool = True, rss_file: Path | None = None):
-    return run_bundle(
-        "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
-        "--ckpt_path", str(model), *TINY_NETWORK, ok=ok, rss_file=rss_file,
-    )  # fmt: skip
+from .conftest import REPO_ROOT, TINY_NETWORK_ARGS, bundle_command, predict, run_bundle, tiny_model_file
 
 
 @pytest.fixture(scope="module")
-def datalist_args(synthetic_dataset, tmp_path_factory) -> list[str]:
-    """Training arguments for the generated data set with a fixed split (``tools/prepare_datalist.py``)."""
-    from prepare_datalist import create_datalist
-
-    path = tmp_path_factory.mktemp("datalist") / "datalist.json"
-    create_datalist(str(synthetic_dataset), str(path))
-    return ["--dataset_dir", str(synthetic_dataset), "--datalist", str(path)]
+def datalist_args(synthetic_dataset, synthetic_datalist) -> list[str]:
+    """Training arguments for the generated data set with its fixed split."""
+    return ["--dataset_dir", str(synthetic_dataset), "--datalist", str(synthetic_datalist)]
 
 
 def training_args(work: Path, datalist_args: list[str], *extra: str) -> list[str]:
     return [
         "training", "--config_file", "bundle/configs/train.json", *datalist_args,
-        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), *TINY_NETWORK,
+        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), *TINY_NETWORK_ARGS,
         "--batch_size", "4", "--num_workers", "0", "--seed", "0", *extra,
     ]  # fmt: skip
 
@@ -387,10 +329,7 @@ def test_prediction_streams_with_bounded_memory(tmp_path):
     for count in (60, 300):
         inputs, out, rss = tmp_path / f"in{count}", tmp_path / f"out{count}", tmp_path / f"rss{count}"
         _write_images(inputs, count)
-        run_bundle(
-            "--config_file", "bundle/configs/inference.json", "--dataset_dir", str(inputs), "--output_dir", str(out),
-            "--ckpt_path", str(model), *TINY_NETWORK, "--amp", "False", rss_file=rss,
-        )  # fmt: skip
+        predict(inputs, out, model, "--amp", "False", rss_file=rss)
         with open(out / "predictions.csv", newline="") as stream:
             assert len(list(csv.DictReader(stream))) == count
         peaks[count] = int(rss.read_text()) / 1024  # MiB
