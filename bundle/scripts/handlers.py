@@ -210,9 +210,12 @@ class TrainingCheckpoint:
     """
 
     def __init__(
-        self, path: str | os.PathLike, save_dict: Mapping[str, Any], resume: bool | str = False,
+        self,
+        path: str | os.PathLike,
+        save_dict: Mapping[str, Any],
+        resume: bool | str = False,
         map_location: Any = "cpu",
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.path = Path(path)
         self.save_dict = dict(save_dict)
         if "trainer" in self.save_dict or "random_states" in self.save_dict:

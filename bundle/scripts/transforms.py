@@ -47,8 +47,10 @@ def to_single_channel_2d(img: torch.Tensor, reduction: str = "luminance", source
     Args:
         img: channel-first image.
         reduction: ``"luminance"`` for images, ``"max"`` for label maps.
-        source: file name for messages; a ``ValueError`` names it for fewer than two spatial axes or an
-            unsupported channel count.
+        source: file name for messages.
+
+    Raises:
+        ValueError: naming ``source``, for an image with fewer than two spatial axes or an unsupported channel count.
     """
     if img.ndim < 3:
         raise ValueError(f"{source}: expected a 2D image, got shape {tuple(img.shape)}.")
