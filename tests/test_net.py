@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from scripts.encoders import HEAD_KEYS, EfficientNetLite0Encoder, has_lite0_weights, lite0_weights_path
-from scripts.net import (
-    ClassificationHead,
-    GlobalAverageLesionPool,
-    GlobalAverageMaximumPool,
-    MultiTaskResUNet,
-    ResidualEncoder,
-)
+from scripts.net import ClassificationHead, MultiTaskResUNet, ResidualEncoder
 
 TINY = {"channels": (8, 16, 32), "strides": (2, 2, 2), "decoder_channels": (16, 8, 8)}
 LITE = {"encoder": "efficientnet-lite0", "decoder_channels": (32, 16, 16, 8, 8)}
@@ -100,60 +94,6 @@ def test_classification_head_reads_bottleneck(monkeypatch):
     assert head(torch.randn(4, 32, 5, 7)).shape == (4, 3)
 
 
-def test_average_maximum_pooling_keeps_a_small_bright_spot():
-    """One hot cell out of 25 is diluted 25 times by the average but kept whole by the maximum."""
-    features = torch.zeros(2, 4, 5, 5)
-    features[1, 2, 3, 1] = 5.0
-    pooled = GlobalAverageMaximumPool()(features)
-    assert pooled.shape == (2, 8)
-    torch.testing.assert_close(pooled[1], torch.tensor([0.0, 0.0, 0.2, 0.0, 0.0, 0.0, 5.0, 0.0]))
-    assert not pooled[0].any()
-
-
-def test_lesion_pooling_reads_the_lesion_cell_and_fades_with_a_faint_map():
-    """A lesion of one cell gives that cell's features whole; a lesion of two cells their mean; a map of 1 % per cell
-    (a quarter of a cell in all) gives a quarter of the features, not their full weight."""
-    features = torch.arange(2 * 25, dtype=torch.float32).reshape(1, 2, 5, 5).repeat(3, 1, 1, 1)
-    lesion = torch.zeros(3, 1, 5, 5)
-    lesion[0, 0, 3, 1] = 1.0
-    lesion[1, 0, 0, :2] = 1.0
-    lesion[2] = 0.01
-    pooled = GlobalAverageLesionPool()(torch.cat([features, lesion], dim=1))
-    assert pooled.shape == (3, 4)
-    torch.testing.assert_close(pooled[:, :2], features.flatten(2).mean(2))
-    torch.testing.assert_close(pooled[0, 2:], features[0, :, 3, 1])
-    torch.testing.assert_close(pooled[1, 2:], features[1, :, 0, :2].mean(1))
-    torch.testing.assert_close(pooled[2, 2:], 0.01 * features[2].flatten(1).sum(1))
-
-
-@pytest.mark.parametrize("pooling", ["avgmax", "avglesion"])
-def test_class_pooling_is_a_choice_that_keeps_the_checkpoint_keys(pooling):
-    """Every pooling but ``"avg"`` doubles the classifier's input width; the parameter names stay those of the
-    average-pooled head, so checkpoints of any kind load by name."""
-    average, other = (MultiTaskResUNet(**TINY, cls_pooling=p).eval() for p in ("avg", pooling))
-    assert average.state_dict().keys() == other.state_dict().keys()
-    assert other.classification_head.layers[3].in_features == 2 * average.classification_head.layers[3].in_features
-    assert other(torch.randn(1, 1, 64, 64))["cls"].shape == (1, 3)
-    image = torch.ones(1, 1, 64, 64)
-    torch.testing.assert_close(torch.jit.script(other)(image)["cls"], other(image)["cls"])
-
-
-def test_lesion_pooling_follows_the_lesion_map_without_training_it():
-    """With ``"avglesion"`` the class logits change with the segmentation's lesion map, but the classification
-    loss sends no gradient into the segmentation head."""
-    torch.manual_seed(0)
-    net = MultiTaskResUNet(**TINY, cls_pooling="avglesion").eval()
-    image = torch.randn(1, 1, 64, 64)
-    before = net(image)["cls"]
-    with torch.no_grad():
-        net.segmentation_head[0].bias.copy_(torch.tensor([-20.0, 20.0, 0.0]))  # every pixel lesion
-    after = net(image)["cls"]
-    assert not torch.allclose(before, after)
-    after.sum().backward()
-    assert net.segmentation_head[0].weight.grad is None
-    assert net.encoder.stages[0].conv.unit0.conv.weight.grad.abs().sum() > 0
-
-
 @pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
 def test_deep_supervision_adds_coarser_logits_in_training_only(config):
     """The decoder loop gives the same map as MONAI's ``UNetDecoder``; with ``deep_supervision=2`` training mode
@@ -172,11 +112,6 @@ def test_deep_supervision_adds_coarser_logits_in_training_only(config):
     torch.testing.assert_close(torch.jit.script(net)(image)["pred"], net(image)["pred"])
     with pytest.raises(ValueError, match="deep_supervision"):
         MultiTaskResUNet(**config, deep_supervision=len(config["decoder_channels"]))
-
-
-def test_unknown_class_pooling_is_refused():
-    with pytest.raises(ValueError, match="pooling"):
-        MultiTaskResUNet(**TINY, cls_pooling="median")
 
 
 @pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])

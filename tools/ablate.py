@@ -97,8 +97,6 @@ VARIANTS: dict[str, dict] = {
     "recipe_0.3_scratch": SCRATCH_ENCODER,
     "recipe_0.3_pretrained": PRETRAINED_ENCODER,
     "ema": {**PRETRAINED_ENCODER, **_with_ema()},
-    "cls_avgmax_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avgmax"},
-    "cls_lesion_pooling": {**PRETRAINED_ENCODER, "network_def#cls_pooling": "avglesion"},
     "deep_supervision": {**PRETRAINED_ENCODER, "network_def#deep_supervision": 2},
     # the ablations of version 0.2.0, on its recipe
     "multitask": RECIPE_0_2,
@@ -110,8 +108,8 @@ VARIANTS: dict[str, dict] = {
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "cls_avgmax_pooling",
-          "cls_lesion_pooling", "deep_supervision", "multitask", "segmentation_only", "classification_only")
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "deep_supervision", "multitask",
+          "segmentation_only", "classification_only")
 
 
 def _budget(image_size: int, epochs: int) -> dict:

