@@ -1,8 +1,9 @@
 """Preprocessing cost per image, one thread (as in a data-loader worker).
 
 - ``deterministic``: the cached part of train.json's preprocessing (load image and masks, one channel, resize to
-  256 x 256, denoise, percentile scaling), per denoising option of ``scripts.transforms.SpeckleDenoised``; and the
-  denoising step alone, on the resized image.
+  the configured size, median filter, percentile scaling), with the 3 x 3 median filter (MONAI's ``MedianSmoothd``,
+  ``median_radius`` 1, recorded as ``median``) and without it (``median_radius`` 0, recorded as ``none``); and the
+  filtering step alone, on the resized image.
 - ``random``: the per-epoch part (train.json's random augmentations + intensity normalisation) on a cached item,
   mean over items and draws, with MONAI's metadata tracking (``MetaTensor``, the default) and without it
   (``set_track_meta(False)``); and collating a batch of 16 such items, with and without metadata.
@@ -23,7 +24,8 @@ import time
 
 from common import BUNDLE_ROOT, REPO_ROOT, machine, median, write_json
 
-METHODS = ("none", "median")
+# recorded option name -> train.json's median_radius (the names of the results recorded before MedianSmoothd)
+METHODS = {"none": 0, "median": 1}
 
 
 def per_item_ms(function, items, repeats: int = 1, random: bool = False) -> list[float]:
@@ -68,7 +70,7 @@ def main() -> None:
     def parser_for(method: str) -> ConfigParser:
         parser = ConfigParser()
         parser.read_config("bundle/configs/train.json")
-        parser.update({"dataset_dir": args.dataset_dir, "denoise": method})
+        parser.update({"dataset_dir": args.dataset_dir, "median_radius": METHODS[method]})
         if args.datalist:
             parser.update({"datalist": args.datalist})
         parser.parse(True)
@@ -89,14 +91,14 @@ def main() -> None:
         pipeline = Compose(transforms)
         pipeline(copy.deepcopy(items[0]))  # warm-up
         results["deterministic_ms"][method] = median(per_item_ms(lambda i: pipeline(copy.deepcopy(i)), items))
-        position = next(k for k, t in enumerate(transforms) if type(t).__name__ == "SpeckleDenoised")
+        position = next(k for k, t in enumerate(transforms) if type(t).__name__ == "MedianSmoothd")
         before_denoise = Compose(transforms[:position])
         resized = [before_denoise(copy.deepcopy(i)) for i in items]
         denoise = transforms[position]
         results["denoise_only_ms"][method] = median(per_item_ms(denoise, resized, repeats=3))
         print(method, results["deterministic_ms"][method], results["denoise_only_ms"][method], flush=True)
 
-    # each step of the deterministic pipeline (denoise: median), median ms per image
+    # each step of the deterministic pipeline (median_radius 1), median ms per image
     transforms = parser.get_parsed_content("deterministic_transforms")
     steps: dict[str, list[float]] = {type(t).__name__: [] for t in transforms}
     for item in items:

@@ -35,7 +35,7 @@ def stage_functions() -> list[tuple[str, object]]:
         ("LoadImaged", mt.LoadImaged.__call__),
         ("SingleChannel2Dd", transforms.SingleChannel2Dd.__call__),
         ("Resized (anti-aliased)", mt.Resized.__call__),
-        ("SpeckleDenoised (median)", transforms.SpeckleDenoised.__call__),
+        ("MedianSmoothd (3 x 3)", mt.MedianSmoothd.__call__),
         ("ScaleIntensityRangePercentilesd", mt.ScaleIntensityRangePercentilesd.__call__),
         ("NormalizeIntensityd", mt.NormalizeIntensityd.__call__),
         ("EnsureTyped", mt.EnsureTyped.__call__),

@@ -1,11 +1,14 @@
-"""Loading every supported image flavour to one 2D channel, label maps, denoising, consistent predictions."""
+"""Loading every supported image flavour to one 2D channel, label maps, median filtering, consistent predictions."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
-from monai.transforms import LoadImage, LoadImaged, MedianSmooth
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, LoadImage, LoadImaged, MedianSmoothd
+from monai.utils import convert_to_dst_type
 from PIL import Image
 
 from scripts.io import BundleImageReader
@@ -15,11 +18,12 @@ from scripts.transforms import (
     RandDepthAttenuationd,
     RandSpeckleNoised,
     SingleChannel2Dd,
-    SpeckleDenoised,
     decide_class,
     pil_to_supported_mode,
     to_single_channel_2d,
 )
+
+from .conftest import BUNDLE_ROOT
 
 H, W = 24, 32
 
@@ -154,24 +158,29 @@ def test_label_map_entries_and_their_errors(tmp_path, grey):
         _label_transform()(small)
 
 
-def test_denoising_reduces_speckle_as_monai_median_smooth():
-    rng = np.random.default_rng(0)
-    clean = np.full((64, 64), 100.0, np.float32)
-    noisy = clean * rng.gamma(4.0, 0.25, clean.shape).astype(np.float32)
-    image = torch.from_numpy(noisy)[None]
-    denoised = SpeckleDenoised("image", kernel_size=5)({"image": image})["image"]
-    assert denoised.shape == image.shape
-    assert float(denoised.std()) < 0.8 * float(image.std())
-    assert abs(float(denoised.mean()) - float(image.mean())) < 10
-    torch.testing.assert_close(denoised, MedianSmooth(radius=2)(image))
+def _inference_preprocessing(median_radius: int) -> list:
+    """The transforms of inference.json's ``preprocessing``, with ``median_radius`` set."""
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser["median_radius"] = median_radius
+    return parser.get_parsed_content("preprocessing").transforms
 
 
-def test_denoising_off_and_unknown():
-    image = torch.rand(1, 8, 8)
-    assert SpeckleDenoised("image", method="none")({"image": image})["image"] is image
-    for unknown in ("wavelet", "bilateral"):
-        with pytest.raises(ValueError, match=unknown):
-            SpeckleDenoised("image", method=unknown)
+@pytest.mark.parametrize("median_radius", [1, 0])
+def test_preprocessing_median_filters_as_opencv_3x3_or_not_at_all(tmp_path, median_radius):
+    """``median_radius`` 1: the configs' speckle reduction is OpenCV's 3 x 3 median (the filter of the shipped
+    weights' training); 0: the image passes that step unchanged."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 80), dtype=np.uint8)).save(tmp_path / "img.png")
+    transforms = _inference_preprocessing(median_radius)
+    position = next(k for k, t in enumerate(transforms) if isinstance(t, MedianSmoothd))
+    before, after = Compose(transforms[:position]), Compose(transforms[position + 1:])
+    resized = before({"image": str(tmp_path / "img.png")})
+    plane = resized["image"][0].numpy().astype(np.float32)
+    filtered = cv2.medianBlur(plane, 3) if median_radius else plane
+    assert median_radius == 0 or not np.array_equal(filtered, plane)
+    expected = after({**resized, "image": convert_to_dst_type(filtered[None], resized["image"])[0]})["image"]
+    found = Compose(transforms)({"image": str(tmp_path / "img.png")})["image"]
+    torch.testing.assert_close(found, expected, rtol=0, atol=0)
 
 
 def test_predicted_map_agrees_with_predicted_class():

@@ -102,7 +102,7 @@ VARIANTS: dict[str, dict] = {
     "multitask": RECIPE_0_2,
     "segmentation_only": {**RECIPE_0_2, "loss_beta": 0.0},
     "classification_only": {**RECIPE_0_2, "loss_alpha": 0.0},
-    "no_denoising": {**RECIPE_0_2, "denoise": "none"},
+    "no_denoising": {**RECIPE_0_2, "median_radius": 0},
     "beta_1.0": {**RECIPE_0_2, "loss_beta": 1.0},
     "beta_0.2": {**RECIPE_0_2, "loss_beta": 0.2},
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
