@@ -475,7 +475,7 @@ def operating_point(
     image_size: int = 256,
     sensitivity: float = 0.9,
     threshold: float | None = None,
-    overrides: str | None = None,
+    overrides: str | dict | None = None,
 ) -> dict:
     """Choose the malignant threshold on ``validation`` (or, with ``threshold``, score a chosen one on a split).
 
@@ -488,7 +488,7 @@ def operating_point(
         threshold: a threshold chosen before (scoring, e.g. on ``test`` once).
         overrides: JSON of further train.json overrides the checkpoint needs (e.g. its ``network_def``).
     """
-    extra = json.loads(overrides) if overrides else {}
+    extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})  # fire parses JSON
     outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size], **extra}, split)
     labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
     result = malignant_operating_point(outputs["cls"], labels, sensitivity)
