@@ -486,9 +486,10 @@ def operating_point(
         image_size: network input size.
         sensitivity: the malignant recall the threshold must reach (choosing).
         threshold: a threshold chosen before (scoring, e.g. on ``test`` once).
-        overrides: JSON of further train.json overrides the checkpoint needs (e.g. its ``network_def``).
+        overrides: further train.json overrides the checkpoint needs (e.g. its ``network_def``), as JSON text or
+            the dict that fire parses such text into.
     """
-    extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})  # fire parses JSON
+    extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size], **extra}, split)
     labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
     result = malignant_operating_point(outputs["cls"], labels, sensitivity)
