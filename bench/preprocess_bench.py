@@ -81,7 +81,8 @@ def main() -> None:
     datalist = datalist() if callable(datalist) else datalist  # a "_mode_": "callable" component
     step = max(1, len(datalist) // args.num_images)
     items = datalist[::step][: args.num_images]
-    results: dict = {"num_images": len(items), "deterministic_ms": {}, "denoise_only_ms": {}}
+    results: dict = {"num_images": len(items), "image_size": list(parser["image_size"]), "deterministic_ms": {},
+                     "denoise_only_ms": {}}  # fmt: skip
     warm_up = Compose(parser.get_parsed_content("deterministic_transforms"))
     for item in items:  # file cache, lazy imports and allocations warm before the first timed method
         warm_up(copy.deepcopy(item))

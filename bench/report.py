@@ -263,13 +263,14 @@ def preprocessing_section(lines: list[str]) -> None:
     pre = read("preprocess")
     if not pre:
         return
+    size = " x ".join(map(str, pre.get("image_size", [256, 256])))  # earlier results carry no size: 256 px then
     lines += [
         f"### Preprocessing per image (one thread, {pre['num_images']} BUSI training images, load {loads(pre)})",
         "",
-        "Deterministic part (cached once by `CacheDataset`): load image and masks, one channel, resize to 256 x 256, "
+        f"Deterministic part (cached once by `CacheDataset`): load image and masks, one channel, resize to {size}, "
         "denoise, percentile scaling. Median ms per image.",
         "",
-        "| denoise | deterministic pipeline (ms) | denoising alone, 256 x 256 (ms) | 546 training images (s) |",
+        f"| denoise | deterministic pipeline (ms) | denoising alone, {size} (ms) | 546 training images (s) |",
         "| --- | ---: | ---: | ---: |",
     ]
     # options recorded before the filter became MONAI's MedianSmoothd (bilateral, nlmeans) are left out of the table
