@@ -73,21 +73,3 @@ def test_label_dtype_does_not_change_the_loss():
     as_float = MultiTaskLoss()(outputs, _label_maps())
     torch.testing.assert_close(MultiTaskLoss()(outputs, _label_maps().to(torch.uint8)), as_float)
     assert torch.isfinite(as_float)
-
-
-def test_deep_supervision_averages_the_coarser_levels_with_halving_weights():
-    """Logits at 8x8, 4x4 and 2x2 are scored against the label map resized by nearest neighbour, weighted
-    1 : 1/2 : 1/4 and divided by 7/4, so that the classification term keeps its share."""
-    torch.manual_seed(0)
-    label = _label_maps()
-    outputs = {"pred": torch.randn(3, 3, 8, 8), "cls": torch.randn(3, 3),
-               "pred_deep1": torch.randn(3, 3, 4, 4), "pred_deep2": torch.randn(3, 3, 2, 2)}  # fmt: skip
-    dice_ce = MultiTaskLoss(alpha=1.0, beta=0.0).seg_loss
-    per_level = [dice_ce(outputs["pred"], label)] + [
-        dice_ce(outputs[key], torch.nn.functional.interpolate(label, size=size, mode="nearest-exact"))
-        for key, size in (("pred_deep1", 4), ("pred_deep2", 2))
-    ]
-    expected = (per_level[0] + per_level[1] / 2 + per_level[2] / 4) / 1.75
-    torch.testing.assert_close(MultiTaskLoss(alpha=1.0, beta=0.0)(outputs, label), expected)
-    cls_only = MultiTaskLoss(alpha=0.0, beta=0.5)(outputs, label)
-    torch.testing.assert_close(MultiTaskLoss(alpha=1.0, beta=0.5)(outputs, label), expected + cls_only)

@@ -21,7 +21,28 @@ from PIL import Image
 from scripts import metrics as M  # the bundle folder is on sys.path (conftest.py)
 from scripts.common import CLASS_NAMES
 
-from .conftest import load_tool
+from .conftest import REPO_ROOT, TRAIN_CONFIG, load_tool
+
+
+def train_config():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(REPO_ROOT / TRAIN_CONFIG))
+    return parser
+
+
+def configured_lesion_dice():
+    """train.json's lesion Dice metric (MONAI's ``MeanDice``), a new instance per call."""
+    return train_config().get_parsed_content("train#key_metric#train_lesion_dice", lazy=False)
+
+
+def with_lesion_masks(sample: dict) -> dict:
+    """``sample`` with the lesion masks that train.json's post-processing adds for the lesion Dice."""
+    parser = train_config()
+    steps = parser["train"]["postprocessing"]["transforms"]
+    index = next(i for i, step in enumerate(steps) if "seg_pred_lesion" in str(step.get("overwrite")))
+    return parser.get_parsed_content(f"train#postprocessing#transforms#{index}")(sample)
 
 
 def square(size: int, top: int, left: int, side: int, value: int = 1, shape: tuple = ()) -> np.ndarray:
@@ -174,14 +195,14 @@ def make_sample(gt: np.ndarray, pred: np.ndarray, cls_label: int, cls_pred: int,
     image = MetaTensor(torch.rand(1, size, size), meta={"filename_or_obj": f"/data/{name}"})
     prob = torch.full((3,), 0.15)
     prob[cls_pred] = 0.7
-    return {
+    return with_lesion_masks({
         "image": image,
         "label": torch.as_tensor(gt, dtype=torch.float32).reshape(1, size, size),
         "seg_pred": torch.as_tensor(pred, dtype=torch.float32).reshape(1, size, size),
         "cls": prob,
         "cls_pred": torch.tensor(cls_pred),
         "cls_label": torch.tensor([cls_label]),
-    }
+    })
 
 
 def epoch_batches(epoch: int) -> list[list[dict]]:
@@ -198,7 +219,7 @@ def epoch_batches(epoch: int) -> list[list[dict]]:
 @pytest.mark.parametrize("skip_unrolling", [True, False])
 def test_ignite_metrics_reset_between_epochs(skip_unrolling):
     engine = Engine(lambda e, batch_index: epoch_batches(e.state.epoch)[batch_index])
-    dice = M.LesionDice(output_transform=from_engine(["seg_pred", "label"]), skip_unrolling=skip_unrolling)
+    dice = configured_lesion_dice()
     f1 = M.ClassificationF1(
         output_transform=from_engine(["cls_pred", "cls_label"]), num_classes=3, skip_unrolling=skip_unrolling
     )
@@ -206,7 +227,7 @@ def test_ignite_metrics_reset_between_epochs(skip_unrolling):
     f1.attach(engine, "macro_f1")
     MetricsLambda(lambda d, f: (d + f) / 2, dice, f1).attach(engine, "combined")
     # a MetricsLambda over metrics that are not attached on their own
-    MetricsLambda(lambda d, f: d * f, M.LesionDice(), M.ClassificationF1()).attach(engine, "product")
+    MetricsLambda(lambda d, f: d * f, configured_lesion_dice(), M.ClassificationF1()).attach(engine, "product")
     history = []
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: history.append(dict(e.state.metrics)))
     engine.run([0, 1], max_epochs=2)
@@ -222,12 +243,17 @@ def test_ignite_metrics_reset_between_epochs(skip_unrolling):
 
 
 def test_ignite_metrics_direct_update_and_edge_cases():
-    dice = M.LesionDice()
+    dice = configured_lesion_dice()
+    normal = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    dice.update((normal, normal))
     assert dice.compute() == 0.0  # no lesion image seen
-    g = square(8, 0, 0, 4)
-    dice.update((torch.as_tensor(np.stack([g, 0 * g]))[:, None], torch.as_tensor(np.stack([g, 0 * g]))[:, None]))
-    assert dice.compute() == 1.0  # the normal image is skipped
+    g = torch.as_tensor(square(8, 0, 0, 4) > 0)
+    dice.update((torch.stack([g, 0 * g])[:, None], torch.stack([g, 0 * g])[:, None]))
+    assert dice.compute() == 1.0  # the normal images are skipped
+    dice.update((torch.stack([0 * g])[:, None], torch.stack([g])[:, None]))
+    assert dice.compute() == 0.5  # a missed lesion scores 0
     dice.reset()
+    dice.update((normal, normal))
     assert dice.compute() == 0.0
 
     f1 = M.ClassificationF1(num_classes=3)
@@ -343,12 +369,7 @@ def test_report_from_bundle_config(tmp_path):
         {
             "output_dir": str(tmp_path / "eval"),
             "handler": {"_target_": "scripts.metrics.EvaluationReport", "output_dir": "@output_dir"},
-            "lesion_dice": {
-                "_target_": "scripts.metrics.LesionDice",
-                "output_transform": "$monai.handlers.from_engine(['seg_pred', 'label'])",
-            },
         }
     )
     handler = parser.get_parsed_content("handler")
     assert isinstance(handler, M.EvaluationReport) and handler.output_dir == str(tmp_path / "eval")
-    assert isinstance(parser.get_parsed_content("lesion_dice"), M.LesionDice)

@@ -95,26 +95,6 @@ def test_classification_head_reads_bottleneck(monkeypatch):
 
 
 @pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
-def test_deep_supervision_adds_coarser_logits_in_training_only(config):
-    """The decoder loop gives the same map as MONAI's ``UNetDecoder``; with ``deep_supervision=2`` training mode
-    also returns logits at 1/2 and 1/4 of the input size, and evaluation mode (and TorchScript) only the usual."""
-    torch.manual_seed(0)
-    net = MultiTaskResUNet(**config, deep_supervision=2)
-    image = torch.randn(2, 1, 64, 64)
-    outputs = net(image)
-    assert {key: tuple(value.shape) for key, value in outputs.items() if key.startswith("pred")} == {
-        "pred": (2, 3, 64, 64), "pred_deep1": (2, 3, 32, 32), "pred_deep2": (2, 3, 16, 16)
-    }
-    net.eval()
-    assert set(net(image)) == {"pred", "cls"}
-    features = net.encoder(image)
-    torch.testing.assert_close(net.decode(features)[-1], net.decoder(features, net.skip_connect))
-    torch.testing.assert_close(torch.jit.script(net)(image)["pred"], net(image)["pred"])
-    with pytest.raises(ValueError, match="deep_supervision"):
-        MultiTaskResUNet(**config, deep_supervision=len(config["decoder_channels"]))
-
-
-@pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
 def test_torchscript_matches_eager(config):
     net = MultiTaskResUNet(**config).eval()
     scripted = torch.jit.script(net)

@@ -97,7 +97,6 @@ VARIANTS: dict[str, dict] = {
     "recipe_0.3_scratch": SCRATCH_ENCODER,
     "recipe_0.3_pretrained": PRETRAINED_ENCODER,
     "ema": {**PRETRAINED_ENCODER, **_with_ema()},
-    "deep_supervision": {**PRETRAINED_ENCODER, "network_def#deep_supervision": 2},
     # segmentation_models_pytorch's default U-Net decoder widths, against the shipped 128-64-32-16-16
     "wide_decoder": {**PRETRAINED_ENCODER, "network_def#decoder_channels": [256, 128, 64, 32, 16]},
     # the ablations of version 0.2.0, on its recipe
@@ -110,7 +109,7 @@ VARIANTS: dict[str, dict] = {
     "class_weighted_ce": {**RECIPE_0_2, "loss#class_weights": [1.6, 0.5, 1.0]},
     "geometric_augmentation_only": {**SCRATCH_ENCODER, "train#random_transforms": "light"},
 }
-SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "deep_supervision", "wide_decoder",
+SEEDED = ("recipe_0.2", "recipe_0.3_scratch", "recipe_0.3_pretrained", "ema", "wide_decoder",
           "multitask", "segmentation_only", "classification_only")
 
 

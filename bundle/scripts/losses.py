@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.losses import DeepSupervisionLoss, DiceCELoss
+from monai.losses import DiceCELoss
 from torch import nn
 
 from .transforms import class_from_label_map
@@ -22,11 +22,6 @@ class MultiTaskLoss(nn.Module):
         class_weights: optional weights of the classification cross-entropy, one per class.
         seg_loss: segmentation loss of ``(logits, label_map)``; by default DiceCE with batch-wise Dice, which stays
             stable for images without a lesion.
-
-    Where the network also returns coarser segmentation logits (``"pred_deep1"``, ``"pred_deep2"``, ...; see
-    ``MultiTaskResUNet(deep_supervision=...)``), the segmentation loss is MONAI's ``DeepSupervisionLoss`` over the
-    full-size and the coarser logits (label maps resized by nearest neighbour), with weights 1, 1/2, 1/4, ...
-    divided by their sum, so that the balance with the classification loss stays that of ``alpha`` and ``beta``.
     """
 
     def __init__(
@@ -36,7 +31,6 @@ class MultiTaskLoss(nn.Module):
         super().__init__()
         self.alpha, self.beta = alpha, beta
         self.seg_loss = seg_loss or DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-        self.deep_supervision_loss = DeepSupervisionLoss(self.seg_loss)
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.cls_loss = nn.CrossEntropyLoss(weight=weight)
 
@@ -45,12 +39,7 @@ class MultiTaskLoss(nn.Module):
         label = torch.as_tensor(label)
         loss = outputs["pred"].new_zeros(())
         if self.alpha:
-            levels = [outputs["pred"]] + [outputs[key] for key in sorted(outputs) if key.startswith("pred_deep")]
-            if len(levels) == 1:
-                loss = loss + self.alpha * self.seg_loss(levels[0], label)
-            else:
-                total_weight = sum(self.deep_supervision_loss.get_weights(len(levels)))
-                loss = loss + self.alpha * self.deep_supervision_loss(levels, label) / total_weight
+            loss = loss + self.alpha * self.seg_loss(outputs["pred"], label)
         if self.beta:
             loss = loss + self.beta * self.cls_loss(outputs["cls"], class_from_label_map(label))
         return loss

