@@ -4,6 +4,7 @@ tools/evaluation_figures.py."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -37,12 +38,18 @@ def configured_lesion_dice():
     return train_config().get_parsed_content("train#key_metric#train_lesion_dice", lazy=False)
 
 
-def with_lesion_masks(sample: dict) -> dict:
-    """``sample`` with the lesion masks that train.json's post-processing adds for the lesion Dice."""
+@functools.lru_cache(maxsize=1)
+def lesion_mask_transform():
+    """The step of train.json's post-processing that adds the lesion masks the lesion Dice compares."""
     parser = train_config()
     steps = parser["train"]["postprocessing"]["transforms"]
     index = next(i for i, step in enumerate(steps) if "seg_pred_lesion" in str(step.get("overwrite")))
-    return parser.get_parsed_content(f"train#postprocessing#transforms#{index}")(sample)
+    return parser.get_parsed_content(f"train#postprocessing#transforms#{index}")
+
+
+def with_lesion_masks(sample: dict) -> dict:
+    """``sample`` with the lesion masks that train.json's post-processing adds for the lesion Dice."""
+    return lesion_mask_transform()(sample)
 
 
 def square(size: int, top: int, left: int, side: int, value: int = 1, shape: tuple = ()) -> np.ndarray:
