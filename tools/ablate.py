@@ -500,6 +500,75 @@ def operating_point(
     return result
 
 
+def _member_networks(parser, ckpts: list[str]) -> list[torch.nn.Module]:
+    networks = []
+    for ckpt in ckpts:
+        network = parser.get_parsed_content("network_def", lazy=False)
+        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+        networks.append(network.eval())
+    return networks
+
+
+@torch.no_grad()
+def augmented_class_probs(
+    dataset_dir: str, ckpts: list[str], overrides: dict, draws: int = 4, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities of each checkpoint on the validation images under the training augmentation
+    (scanner-like resolution, speckle, gain and contrast changes, geometry): every drawn image is predicted by every
+    checkpoint, so the models are compared on the same draws.
+
+    Returns:
+        probabilities ``(M, draws * N, 3)`` for the ``M`` checkpoints, and the true classes ``(draws * N,)``.
+    """
+    from monai.utils import set_determinism
+
+    set_determinism(seed)
+    parser = _parser(dataset_dir, {**overrides, "validate#split": "validation"})
+    items = parser.get_parsed_content("validate#datalist")()
+    augment = parser.get_parsed_content("train#preprocessing")
+    networks = _member_networks(parser, ckpts)
+    probs, labels = [], []
+    for _ in range(draws):
+        for item in items:
+            sample = augment(dict(item))
+            image = sample["image"].as_tensor()[None].float()
+            probs.append([torch.softmax(net(image)["cls"][0].float(), dim=0).numpy() for net in networks])
+            labels.append(int(sample["label"].max()))
+    return np.stack(probs, axis=1), np.array(labels)
+
+
+def ensemble(dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: int = 4) -> dict:
+    """Each checkpoint and the ensemble of all (mean of their segmentation and class probabilities) on validation,
+    as it is (arg-max, :func:`score`) and under the training augmentation (benign / malignant and macro AUC of the
+    class probabilities on ``draws`` draws of every validation image, the same draws for every model).
+
+    Args:
+        dataset_dir: the BUSI folder.
+        ckpts: ``model.pt`` files of networks trained with the same ``network_def`` at ``image_size``.
+        image_size: network input size.
+        draws: augmented draws per validation image.
+    """
+    from scripts.metrics import classification_metrics
+
+    overrides = {"image_size": [image_size, image_size]}
+    members = [predict_split(dataset_dir, ckpt, overrides, "validation") for ckpt in ckpts]
+    mean = {**members[0], **{key: np.mean([m[key] for m in members], axis=0) for key in ("seg", "cls")}}
+    aug_probs, aug_labels = augmented_class_probs(dataset_dir, ckpts, overrides, draws)
+    names = [Path(c).as_posix() for c in ckpts] + ["ensemble"]
+    result = {}
+    for name, out, probs in zip(names, members + [mean], list(aug_probs) + [aug_probs.mean(0)]):
+        clean = score(out)
+        clean["score"] = (clean["dice"] + clean["macro_f1"]) / 2
+        result[name] = {
+            "validation": clean,
+            "augmented_benign_malignant_auc": malignant_operating_point(probs, aug_labels)["benign_malignant_auc"],
+            "augmented_macro_auc": classification_metrics(probs, None, aug_labels)["macro_auc"],
+        }
+        print(name, json.dumps({k: v if isinstance(v, float) else {m: round(x, 4) for m, x in v.items()}
+                                for k, v in result[name].items()}), flush=True)
+    return result
+
+
 if __name__ == "__main__":
     fire.Fire({"run": run, "rescore": rescore, "report": report, "evaluate": evaluate, "sweep": sweep,
-               "operating_point": operating_point})
+               "operating_point": operating_point, "ensemble": ensemble})
