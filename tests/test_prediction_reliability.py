@@ -189,6 +189,31 @@ def test_class_activation_map_off_or_without_a_class(tiny_network):
     assert named.shape == (1, 64, 64) and not torch.allclose(named, default)
 
 
+def test_class_activation_map_of_an_ensemble_is_the_mean_over_its_members():
+    import functools
+
+    from monai.visualize import GradCAM
+
+    from scripts.net import MultiTaskEnsemble, MultiTaskResUNet
+    from scripts.reliability import ClassActivationMapd, _ClassLogits
+
+    torch.manual_seed(0)
+    member = functools.partial(MultiTaskResUNet, channels=(8, 16, 32, 64), strides=(2, 2, 2, 2),
+                               decoder_channels=(32, 16, 8, 8))  # fmt: skip
+    ensemble = MultiTaskEnsemble(member, num_members=2).eval()
+    image = torch.randn(1, 64, 64, generator=torch.Generator().manual_seed(1))
+    data = {"image": image, "cls_pred": torch.tensor(2), "display_image": torch.zeros(1, 64, 64)}
+    with torch.no_grad():
+        heat = ClassActivationMapd(ensemble, enabled=True)(data)["cam"]
+    per_member = []
+    for i in range(2):
+        layer = f"network.members.{i}.encoder.stages.3"
+        gradcam = GradCAM(_ClassLogits(copy.deepcopy(ensemble)), target_layers=layer)
+        per_member.append(gradcam(image[None], class_idx=2)[0])
+    torch.testing.assert_close(heat, torch.stack(per_member).mean(0).detach(), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(per_member[0], per_member[1])
+
+
 def test_active_learning_reads_the_keys_and_status_values_written_here():
     """``monailabel/activelearning.py`` runs in MONAI Label's environment, without the bundle's scripts: its copies of
     the result keys and status values must be these."""

@@ -5,7 +5,7 @@ Each part can be swapped alone: the encoder is residual or an ImageNet-pretraine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.blocks import ResidualUnit
@@ -15,7 +15,7 @@ from torch import nn
 
 from .encoders import EfficientNetLite0Encoder
 
-__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet"]
+__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet", "MultiTaskEnsemble"]
 
 
 class ResidualEncoder(nn.Module):
@@ -165,3 +165,44 @@ class MultiTaskResUNet(nn.Module):
             stage = features[-2].flatten(2)
             outputs["embedding"] = torch.cat([stage.mean(2), stage.std(2)], dim=1)
         return outputs
+
+
+class MultiTaskEnsemble(nn.Module):
+    """Several multi-task networks trained alone (e.g. with different seeds) that predict as one.
+
+    The members' segmentation and class probabilities are averaged; the outputs are the logarithms of the means,
+    so that a softmax (and a temperature) downstream works on them as on one network's logits.
+
+    Args:
+        member: makes one member network, e.g. a config's network definition with ``"_mode_": "callable"``; it is
+            called with ``return_embedding=True``.
+        num_members: number of members.
+        return_embedding: also return ``"embedding"``, the members' embeddings side by side.
+
+    Returns:
+        ``forward`` returns ``{"pred": (B, C, *spatial), "cls": (B, num_classes)}`` log mean probabilities; with
+        ``return_embedding`` also ``"embedding"``: ``(B, num_members * member embedding width)``.
+    """
+
+    def __init__(self, member: Callable[..., nn.Module], num_members: int = 3, return_embedding: bool = False) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ValueError(f"an ensemble needs at least one member, got num_members={num_members}.")
+        self.members = nn.ModuleList([member(return_embedding=True) for _ in range(num_members)])
+        self.return_embedding = return_embedding
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        seg, cls, embeddings = [], [], []
+        for network in self.members:
+            outputs = network(x)
+            seg.append(torch.softmax(outputs["pred"].float(), dim=1))
+            cls.append(torch.softmax(outputs["cls"].float(), dim=1))
+            embeddings.append(outputs["embedding"])
+        # the floor keeps log() finite where every member is certain
+        result = {
+            "pred": torch.stack(seg).mean(0).clamp_min(1e-12).log(),
+            "cls": torch.stack(cls).mean(0).clamp_min(1e-12).log(),
+        }
+        if self.return_embedding:
+            result["embedding"] = torch.cat(embeddings, dim=1)
+        return result

@@ -204,7 +204,8 @@ class ClassActivationMapd(MapTransform):
         reference_key: image whose spatial size the map takes.
         output_key: where the map goes, ``(1, X, Y)`` in [0, 1].
         enabled: compute the map (text is accepted); off, the data pass through.
-        layer: the network's module to explain; default: the last encoder stage.
+        layer: the network's module to explain (in every member of a ``MultiTaskEnsemble``, whose map is the mean of
+            the members' maps); default: the last encoder stage.
     """
 
     def __init__(
@@ -231,11 +232,17 @@ class ClassActivationMapd(MapTransform):
     def _gradcam(self) -> GradCAM:
         if self._cam is None:
             self._copy = copy.deepcopy(self.network).float()
-            layer = f"network.{self.layer or f'encoder.stages.{len(self._copy.encoder.stages) - 1}'}"
-            self._cam = GradCAM(nn_module=_ClassLogits(self._copy), target_layers=layer)
+            self._cam = GradCAM(nn_module=_ClassLogits(self._copy), target_layers=self._layers(self._copy))
         else:
             self._copy.load_state_dict(self.network.state_dict())
         return self._cam
+
+    def _layers(self, network: torch.nn.Module) -> list[str]:
+        """The explained layer, once per member of a ``MultiTaskEnsemble``, named inside ``_ClassLogits``."""
+        members = list(getattr(network, "members", [network]))
+        prefixes = ["network."] if members == [network] else [f"network.members.{i}." for i in range(len(members))]
+        default = f"encoder.stages.{len(members[0].encoder.stages) - 1}"
+        return [prefix + (self.layer or default) for prefix in prefixes]
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -246,7 +253,9 @@ class ClassActivationMapd(MapTransform):
             cam = self._gradcam()
             image = torch.as_tensor(d[self.image_key]).detach().float().clone()
             image = image.to(next(self.network.parameters()).device)[None].requires_grad_(True)
-            heat = cam(image, class_idx=predicted)[0].detach()
+            # an ensemble's map is the mean of its members' maps (each explains the ensemble's class score)
+            layers = range(len(cam.nn_module.target_layers))
+            heat = torch.stack([cam(image, class_idx=predicted, layer_idx=i)[0].detach() for i in layers]).mean(0)
         size = torch.as_tensor(d[self.reference_key]).shape[1:]
         heat = torch.nn.functional.interpolate(heat[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
         d[self.output_key] = heat.clamp(0.0, 1.0).cpu()
