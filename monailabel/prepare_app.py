@@ -12,8 +12,8 @@ Run with the MONAI Label environment's Python (``monailabel/setup_env.sh`` creat
    app that adds active learning), with ``activelearning.py`` beside it. Both are refreshed on every run.
 3. ``bundle/`` is copied to ``<app>/model/breast_ultrasound_segmentation_classification`` (the folder name gives
    MONAI Label the task type, *segmentation*), without run outputs (``eval``, ``logs``, ``cache``, ``data``, saved
-   split files). Weights: ``bundle/models/model.pt`` when present, else a freshly initialised network written to
-   the copy only.
+   split files). Weights: ``bundle/models/model.pt`` when present (of an ensemble, its first member only, because
+   MONAI Label fine-tunes one network), else a freshly initialised network written to the copy only.
 4. An existing copy keeps its ``models/`` (weights fine-tuned through MONAI Label survive a restart), except
    initialised weights never trained, which ``bundle/models/model.pt`` replaces once it exists; configs and
    scripts are refreshed from ``bundle/``. ``--fresh`` replaces the copy whole.
@@ -116,6 +116,19 @@ def initialise_weights(bundle: Path, seed: int = 0) -> None:
         sys.path.remove(str(bundle))
 
 
+def keep_first_member(model: Path) -> int:
+    """Of an ensemble's weights (``scripts.net.MultiTaskEnsemble``), keep only the first member's, in place: MONAI
+    Label fine-tunes one network with ``train.json``. Returns the number of members ``model`` held (1: untouched)."""
+    import torch
+
+    state = torch.load(model, map_location="cpu", weights_only=True)["model"]
+    members = {name.split(".", 2)[1] for name in state if name.startswith("members.")}
+    if members:
+        first = {name[len("members.0.") :]: value for name, value in state.items() if name.startswith("members.0.")}
+        torch.save({"model": first}, model)
+    return max(len(members), 1)
+
+
 def prepare(app: Path, bundle_source: Path, fresh: bool = False, check_bundle: bool = True) -> dict:
     """Set up ``app`` with the bundle; see the module docstring.
 
@@ -143,6 +156,9 @@ def prepare(app: Path, bundle_source: Path, fresh: bool = False, check_bundle: b
             initialise_weights(target)
             marker.write_text(digest(model) + "\n")
             weights = "freshly initialised (bundle/models/model.pt is missing)"
+    members = keep_first_member(model)
+    if members > 1:
+        weights += f" (the first of its {members} ensemble members: MONAI Label fine-tunes one network)"
     return {"app": str(app), "bundle": str(target), "weights": weights}
 
 

@@ -180,16 +180,19 @@ def test_metadata_agrees_with_config(metadata, config):
     assert list(io["outputs"]["pred"]["channel_def"].values())[1:] == parsed["class_names"][1:]
 
 
-def test_inference_and_training_build_the_same_network():
+@pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
+def test_inference_and_training_build_the_same_network(config):
     train = load_json(BUNDLE_ROOT / "configs" / "train.json")
-    inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
+    network = load_json(BUNDLE_ROOT / "configs" / config)["network_def"]
+    assert network["_target_"] == "scripts.net.multitask_network"  # one network or an ensemble of them
+    member = network["member"]
+    assert member.get("pretrained", False) is False, "inference takes its weights from model.pt"
 
-    def architecture(config: dict) -> dict:
+    def architecture(definition: dict) -> dict:
         # neither the pretrained switch nor the extra embedding output changes the weights
-        return {k: v for k, v in config["network_def"].items() if k not in ("pretrained", "return_embedding")}
+        return {k: v for k, v in definition.items() if k not in ("pretrained", "return_embedding", "_mode_")}
 
-    assert architecture(train) == architecture(inference), "model.pt from training must load into inference"
-    assert inference["network_def"].get("pretrained", False) is False, "inference takes its weights from model.pt"
+    assert architecture(train["network_def"]) == architecture(member), "model.pt from training must load"
 
 
 def test_inference_preprocesses_images_as_training_and_validation():

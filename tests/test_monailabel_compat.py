@@ -162,3 +162,24 @@ def test_output_json_carries_the_overlay_colour_of_every_segment():
     assert json.loads(json.dumps(result)) == result  # plain JSON values only
     result["label_colors"]["benign"][0] = 255  # a caller changing one result leaves the next one alone
     assert transform(data)["result"]["label_colors"]["benign"] == [0, 200, 0]
+
+
+def test_monailabel_gets_the_first_member_of_an_ensemble(tmp_path, monkeypatch):
+    """MONAI Label fine-tunes one network (train.json), so the app's copy of an ensemble's weights is its first
+    member; one network's weights stay as they are."""
+    from scripts.net import MultiTaskResUNet
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "monailabel"))  # prepare_app imports compat from its folder
+    spec = importlib.util.spec_from_file_location("monailabel_prepare_app", REPO_ROOT / "monailabel" / "prepare_app.py")
+    prepare_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare_app)
+    tiny = {"channels": (8, 16, 32), "strides": (2, 2, 2), "decoder_channels": (16, 8, 8)}
+    members = [MultiTaskResUNet(**tiny).state_dict() for _ in range(2)]
+    ensemble = {f"members.{i}.{k}": v for i, state in enumerate(members) for k, v in state.items()}
+    model = tmp_path / "model.pt"
+    torch.save({"model": ensemble}, model)
+    assert prepare_app.keep_first_member(model) == 2
+    kept = torch.load(model, weights_only=True)["model"]
+    assert kept.keys() == members[0].keys() and all(torch.equal(kept[k], v) for k, v in members[0].items())
+    before = model.read_bytes()
+    assert prepare_app.keep_first_member(model) == 1 and model.read_bytes() == before

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -182,3 +184,53 @@ def test_ensemble_predicts_the_log_mean_of_its_members_probabilities():
     torch.testing.assert_close(torch.jit.script(ensemble)(image)["cls"], outputs["cls"])
     with pytest.raises(ValueError, match="at least one member"):
         MultiTaskEnsemble(functools.partial(MultiTaskResUNet, **TINY), num_members=0)
+
+
+def test_one_config_serves_one_network_or_an_ensemble_of_them(tmp_path):
+    import functools
+    import sys
+
+    from scripts.net import MultiTaskEnsemble, ensemble_size, multitask_network
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_ensemble
+
+    member = functools.partial(MultiTaskResUNet, **TINY)
+    assert ensemble_size(tmp_path / "not_trained_yet.pt") == 1
+    single = multitask_network(member, 1)
+    assert type(single) is MultiTaskResUNet  # exactly what training saves: its weights load as they are
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"seed{seed}.pt")
+        torch.save({"model": member().state_dict()}, paths[-1])
+    assert ensemble_size(paths[0]) == 1
+    make_ensemble.main([str(p) for p in paths], str(tmp_path / "ensemble.pt"))
+    assert ensemble_size(tmp_path / "ensemble.pt") == 2
+    ensemble = multitask_network(member, ensemble_size(tmp_path / "ensemble.pt"), return_embedding=True)
+    assert isinstance(ensemble, MultiTaskEnsemble) and ensemble.return_embedding
+    ensemble.load_state_dict(torch.load(tmp_path / "ensemble.pt", weights_only=True)["model"])  # strict
+    second = member()
+    second.load_state_dict(torch.load(paths[1], weights_only=True)["model"])
+    for name, value in second.state_dict().items():
+        assert torch.equal(ensemble.members[1].state_dict()[name], value), name
+
+
+def test_an_ensemble_is_made_of_matching_networks(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import make_ensemble
+
+    small, wide = MultiTaskResUNet(**TINY), MultiTaskResUNet(**{**TINY, "decoder_channels": (32, 8, 8)})
+    torch.save({"model": small.state_dict()}, tmp_path / "small.pt")
+    torch.save({"model": wide.state_dict()}, tmp_path / "wide.pt")
+    torch.save({"state_dict": small.state_dict()}, tmp_path / "other_key.pt")
+    out = tmp_path / "ensemble.pt"
+    with pytest.raises(ValueError, match="wide.pt is not the network of"):
+        make_ensemble.main([str(tmp_path / "small.pt"), str(tmp_path / "wide.pt")], str(out))
+    with pytest.raises(ValueError, match="other_key.pt has no 'model' entry"):
+        make_ensemble.main([str(tmp_path / "small.pt"), str(tmp_path / "other_key.pt")], str(out))
+    with pytest.raises(ValueError, match="at least two"):
+        make_ensemble.main([str(tmp_path / "small.pt")], str(out))
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

@@ -176,7 +176,7 @@ def test_torchscript_export_carries_metadata_and_config(unpacked):
     torch.jit.load(str(unpacked / "models" / "model.ts"), _extra_files=extra)
     metadata = json.loads((unpacked / "configs/metadata.json").read_text())
     assert json.loads(extra["metadata.json"])["version"] == metadata["version"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.net.MultiTaskResUNet"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.net.multitask_network"
 
 
 @pytest.mark.parametrize("batch", [1, 3])

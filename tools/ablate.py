@@ -149,6 +149,21 @@ def _parser(dataset_dir: str, overrides: dict):
     return parser
 
 
+def load_network(parser, ckpt: str, weights: str = "model") -> torch.nn.Module:
+    """``network_def`` of ``parser`` with the weights ``ckpt[weights]``: one network, or an ensemble of such networks
+    (``scripts.net.multitask_network``) where the checkpoint holds several."""
+    from scripts.net import ensemble_size, multitask_network
+
+    def member(return_embedding: bool = False) -> torch.nn.Module:
+        network = parser.get_parsed_content("network_def", lazy=False)
+        network.return_embedding = return_embedding
+        return network
+
+    network = multitask_network(member, ensemble_size(ckpt, weights))
+    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)[weights])
+    return network
+
+
 @torch.no_grad()
 def predict_split(
     dataset_dir: str,
@@ -176,8 +191,7 @@ def predict_split(
     parser = _parser(dataset_dir, {**overrides, "validate#split": split})
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     items = parser.get_parsed_content("validate#datalist")()
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)[weights])
+    network = load_network(parser, ckpt, weights)
     network.eval().to(memory_format=torch.channels_last)
     network.return_embedding = True
     autocast = resolve_amp(parser["amp"], "cpu")
@@ -501,12 +515,7 @@ def operating_point(
 
 
 def _member_networks(parser, ckpts: list[str]) -> list[torch.nn.Module]:
-    networks = []
-    for ckpt in ckpts:
-        network = parser.get_parsed_content("network_def", lazy=False)
-        network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
-        networks.append(network.eval())
-    return networks
+    return [load_network(parser, ckpt).eval() for ckpt in ckpts]
 
 
 @torch.no_grad()

@@ -148,8 +148,7 @@ def augmented_predictions(dataset_dir: str, ckpt: str, overrides: dict, repeats:
     parser = ablate._parser(dataset_dir, {**overrides, "validate#split": "validation"})
     items = parser.get_parsed_content("validate#datalist")()
     augment = parser.get_parsed_content("train#preprocessing")
-    network = parser.get_parsed_content("network_def").eval()
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
+    network = ablate.load_network(parser, ckpt).eval()
     network.return_embedding = True
     embeddings, log_probs = [], []
     with torch.no_grad():
@@ -280,6 +279,7 @@ def inference_pass(paths: list[Path], ckpt: Path) -> dict[str, np.ndarray]:
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "inference.json"))
     parser["bundle_root"] = str(BUNDLE)
+    parser["ckpt_path"] = str(ckpt)  # the network takes as many members as the checkpoint holds
     preprocessing = parser.get_parsed_content("preprocessing")
     network = parser.get_parsed_content("network_def").eval()
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import fire
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ablate  # noqa: E402
@@ -52,9 +51,7 @@ def main(dataset_dir: str, split: str = "validation", layers: tuple = ("",), out
     parser = ablate._parser(dataset_dir, {"validate#split": split})
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     items = parser.get_parsed_content("validate#datalist")()
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["model"])
-    network.eval()
+    network = ablate.load_network(parser, ckpt).eval()
     result: dict = {"split": split, "images": 0}
     for layer in layers:
         explain = ClassActivationMapd(network, enabled=True, layer=layer or None, reference_key="image")

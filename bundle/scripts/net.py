@@ -6,6 +6,7 @@ Each part can be swapped alone: the encoder is residual or an ImageNet-pretraine
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from monai.networks.blocks import ResidualUnit
@@ -15,7 +16,14 @@ from torch import nn
 
 from .encoders import EfficientNetLite0Encoder
 
-__all__ = ["ResidualEncoder", "ClassificationHead", "MultiTaskResUNet", "MultiTaskEnsemble"]
+__all__ = [
+    "ResidualEncoder",
+    "ClassificationHead",
+    "MultiTaskResUNet",
+    "MultiTaskEnsemble",
+    "ensemble_size",
+    "multitask_network",
+]
 
 
 class ResidualEncoder(nn.Module):
@@ -206,3 +214,32 @@ class MultiTaskEnsemble(nn.Module):
         if self.return_embedding:
             result["embedding"] = torch.cat(embeddings, dim=1)
         return result
+
+
+ENSEMBLE_PREFIX = "members."
+
+
+def ensemble_size(checkpoint: str | Path, key: str = "model") -> int:
+    """How many networks the weights in ``checkpoint[key]`` belong to: the members of a :class:`MultiTaskEnsemble`,
+    or 1 for one network's weights or a checkpoint that does not exist yet (e.g. before the first training)."""
+    if not Path(checkpoint).is_file():
+        return 1
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)[key]
+    members = {name[len(ENSEMBLE_PREFIX) :].split(".", 1)[0] for name in state if name.startswith(ENSEMBLE_PREFIX)}
+    return max(len(members), 1)
+
+
+def multitask_network(
+    member: Callable[..., nn.Module], num_members: int = 1, return_embedding: bool = False
+) -> nn.Module:
+    """One network (``num_members`` 1, exactly what training saves) or a :class:`MultiTaskEnsemble` of
+    ``num_members``, so that one config serves both kinds of weights (``num_members`` from :func:`ensemble_size`).
+
+    Args:
+        member: makes one network; called with ``return_embedding``.
+        num_members: number of networks.
+        return_embedding: see :class:`MultiTaskResUNet`.
+    """
+    if num_members == 1:
+        return member(return_embedding=return_embedding)
+    return MultiTaskEnsemble(member, num_members, return_embedding)
