@@ -185,14 +185,15 @@ def test_inference_and_training_build_the_same_network(config):
     train = load_json(BUNDLE_ROOT / "configs" / "train.json")
     network = load_json(BUNDLE_ROOT / "configs" / config)["network_def"]
     assert network["_target_"] == "scripts.net.multitask_network"  # one network or an ensemble of them
-    member = network["member"]
-    assert member.get("pretrained", False) is False, "inference takes its weights from model.pt"
+    assert network.get("pretrained", False) is False, "inference takes its weights from model.pt"
 
     def architecture(definition: dict) -> dict:
-        # neither the pretrained switch nor the extra embedding output changes the weights
-        return {k: v for k, v in definition.items() if k not in ("pretrained", "return_embedding", "_mode_")}
+        # neither the pretrained switch nor the extra embedding output changes the weights; the network's class or
+        # an ensemble of it is chosen by scripts.net.multitask_network
+        skipped = ("pretrained", "return_embedding", "_target_", "_desc_", "num_members")
+        return {k: v for k, v in definition.items() if k not in skipped}
 
-    assert architecture(train["network_def"]) == architecture(member), "model.pt from training must load"
+    assert architecture(train["network_def"]) == architecture(network), "model.pt from training must load"
 
 
 def test_inference_preprocesses_images_as_training_and_validation():

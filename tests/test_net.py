@@ -197,7 +197,7 @@ def test_one_config_serves_one_network_or_an_ensemble_of_them(tmp_path):
 
     member = functools.partial(MultiTaskResUNet, **TINY)
     assert ensemble_size(tmp_path / "not_trained_yet.pt") == 1
-    single = multitask_network(member, 1)
+    single = multitask_network(1, **TINY)
     assert type(single) is MultiTaskResUNet  # exactly what training saves: its weights load as they are
     paths = []
     for seed in (0, 1):
@@ -207,7 +207,7 @@ def test_one_config_serves_one_network_or_an_ensemble_of_them(tmp_path):
     assert ensemble_size(paths[0]) == 1
     make_ensemble.main([str(p) for p in paths], str(tmp_path / "ensemble.pt"))
     assert ensemble_size(tmp_path / "ensemble.pt") == 2
-    ensemble = multitask_network(member, ensemble_size(tmp_path / "ensemble.pt"), return_embedding=True)
+    ensemble = multitask_network(ensemble_size(tmp_path / "ensemble.pt"), return_embedding=True, **TINY)
     assert isinstance(ensemble, MultiTaskEnsemble) and ensemble.return_embedding
     ensemble.load_state_dict(torch.load(tmp_path / "ensemble.pt", weights_only=True)["model"])  # strict
     second = member()

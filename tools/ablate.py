@@ -151,15 +151,16 @@ def _parser(dataset_dir: str, overrides: dict):
 
 def load_network(parser, ckpt: str, weights: str = "model") -> torch.nn.Module:
     """``network_def`` of ``parser`` with the weights ``ckpt[weights]``: one network, or an ensemble of such networks
-    (``scripts.net.multitask_network``) where the checkpoint holds several."""
-    from scripts.net import ensemble_size, multitask_network
+    (``scripts.net.MultiTaskEnsemble``) where the checkpoint holds several."""
+    from scripts.net import MultiTaskEnsemble, ensemble_size
 
     def member(return_embedding: bool = False) -> torch.nn.Module:
         network = parser.get_parsed_content("network_def", lazy=False)
         network.return_embedding = return_embedding
         return network
 
-    network = multitask_network(member, ensemble_size(ckpt, weights))
+    members = ensemble_size(ckpt, weights)
+    network = member() if members == 1 else MultiTaskEnsemble(member, members)
     network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)[weights])
     return network
 

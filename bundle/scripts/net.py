@@ -5,6 +5,7 @@ Each part can be swapped alone: the encoder is residual or an ImageNet-pretraine
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -222,24 +223,25 @@ ENSEMBLE_PREFIX = "members."
 def ensemble_size(checkpoint: str | Path, key: str = "model") -> int:
     """How many networks the weights in ``checkpoint[key]`` belong to: the members of a :class:`MultiTaskEnsemble`,
     or 1 for one network's weights or a checkpoint that does not exist yet (e.g. before the first training)."""
+    from .handlers import load_checkpoint  # weights only; names a damaged or code-carrying file
+
     if not Path(checkpoint).is_file():
         return 1
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)[key]
+    state = load_checkpoint(checkpoint)[key]
     members = {name[len(ENSEMBLE_PREFIX) :].split(".", 1)[0] for name in state if name.startswith(ENSEMBLE_PREFIX)}
     return max(len(members), 1)
 
 
-def multitask_network(
-    member: Callable[..., nn.Module], num_members: int = 1, return_embedding: bool = False
-) -> nn.Module:
-    """One network (``num_members`` 1, exactly what training saves) or a :class:`MultiTaskEnsemble` of
-    ``num_members``, so that one config serves both kinds of weights (``num_members`` from :func:`ensemble_size`).
+def multitask_network(num_members: int = 1, **kwargs) -> nn.Module:
+    """One :class:`MultiTaskResUNet` (``num_members`` 1: exactly what training saves) or a :class:`MultiTaskEnsemble`
+    of ``num_members`` of them, so that one config serves both kinds of weights (``num_members`` from
+    :func:`ensemble_size`) and takes the same network arguments as ``train.json``'s ``network_def``.
 
     Args:
-        member: makes one network; called with ``return_embedding``.
         num_members: number of networks.
-        return_embedding: see :class:`MultiTaskResUNet`.
+        kwargs: arguments of :class:`MultiTaskResUNet`; an ensemble's ``return_embedding`` is its own.
     """
     if num_members == 1:
-        return member(return_embedding=return_embedding)
-    return MultiTaskEnsemble(member, num_members, return_embedding)
+        return MultiTaskResUNet(**kwargs)
+    return_embedding = kwargs.pop("return_embedding", False)
+    return MultiTaskEnsemble(functools.partial(MultiTaskResUNet, **kwargs), num_members, return_embedding)
