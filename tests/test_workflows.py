@@ -157,3 +157,27 @@ def test_training_sampler_balances_classes(balance):
     class_share = {c: float(expected[[i["class"] == c for i in items]].sum() / expected.sum()) for c in counts}
     if balance == 1.0:
         assert all(share == pytest.approx(1 / 3) for share in class_share.values())
+
+
+def test_inference_on_an_ensemble_averages_its_members(tmp_path):
+    """inference.json builds as many members as the checkpoint holds (tools/make_ensemble.py); the ensemble's
+    probabilities lie between its members' and its Grad-CAM map is written."""
+    from .conftest import predict, tiny_model_file
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)).save(inputs / "scan one.png")
+    members = [tiny_model_file(tmp_path / f"seed{seed}.pt", seed=seed) for seed in (0, 1)]
+    ensemble = tmp_path / "ensemble.pt"
+    load_tool("make_ensemble").main([str(m) for m in members], str(ensemble))
+    probs = {}
+    for name, model in (("seed0", members[0]), ("seed1", members[1]), ("ensemble", ensemble)):
+        extra = ("--explanation_maps", "true") if name == "ensemble" else ()
+        predict(inputs, tmp_path / name, model, "--amp", "False", "--cls_temperature", "1.0", *extra)
+        with open(tmp_path / name / "predictions.csv", newline="") as stream:
+            row = next(csv.DictReader(stream))
+        probs[name] = np.array([float(row[f"p_{c}"]) for c in ("normal", "benign", "malignant")])
+    np.testing.assert_allclose(probs["ensemble"], (probs["seed0"] + probs["seed1"]) / 2, atol=2e-3)
+    assert not np.allclose(probs["seed0"], probs["seed1"], atol=1e-2)  # the members differ
+    assert (tmp_path / "ensemble" / "scan one_cam.png").is_file()
