@@ -125,7 +125,9 @@ def keep_first_member(model: Path) -> int:
     members = {name.split(".", 2)[1] for name in state if name.startswith("members.")}
     if members:
         first = {name[len("members.0.") :]: value for name, value in state.items() if name.startswith("members.0.")}
-        torch.save({"model": first}, model)
+        partial = model.with_name(model.name + ".partial")  # an interrupted run leaves the copy's weights whole
+        torch.save({"model": first}, partial)
+        os.replace(partial, model)
     return max(len(members), 1)
 
 

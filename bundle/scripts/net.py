@@ -183,8 +183,8 @@ class MultiTaskEnsemble(nn.Module):
     so that a softmax (and a temperature) downstream works on them as on one network's logits.
 
     Args:
-        member: makes one member network, e.g. a config's network definition with ``"_mode_": "callable"``; it is
-            called with ``return_embedding=True``.
+        member: makes one member network, e.g. ``functools.partial(MultiTaskResUNet, ...)`` (see
+            :func:`multitask_network`); it is called with ``return_embedding=True``.
         num_members: number of members.
         return_embedding: also return ``"embedding"``, the members' embeddings side by side.
 
