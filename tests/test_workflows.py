@@ -60,6 +60,23 @@ def test_evaluation_writes_metrics_and_plots(trained):
         assert Image.open(work / "eval" / plot).size[0] > 100
 
 
+def test_evaluation_of_an_ensemble_of_trained_networks(trained, tmp_path):
+    """evaluate.json builds as many members as model.pt holds: two copies of the trained network score as it does."""
+    work, common = trained
+    members = tmp_path / "models"
+    load_tool("make_ensemble").main([str(work / "models" / "model.pt")] * 2, str(members / "model.pt"))
+    ensemble_common = [arg if arg != str(work / "models") else str(members) for arg in common]
+    ensemble_common[ensemble_common.index(str(work / "eval"))] = str(tmp_path / "eval")
+    run_bundle("--config_file", EVALUATE_CONFIGS, *common, "--batch_size", "4")
+    run_bundle("--config_file", EVALUATE_CONFIGS, *ensemble_common, "--batch_size", "4")
+    single = json.loads((work / "eval" / "metrics.json").read_text())
+    ensemble = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for group in ("segmentation", "classification"):
+        for key in ("lesion_dice", "pixel_accuracy", "accuracy", "macro_f1"):
+            if key in single[group]:
+                assert ensemble[group][key] == pytest.approx(single[group][key], abs=1e-6), key
+
+
 def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
     import itk
     import nibabel as nib
