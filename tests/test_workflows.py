@@ -71,10 +71,9 @@ def test_evaluation_of_an_ensemble_of_trained_networks(trained, tmp_path):
     run_bundle("--config_file", EVALUATE_CONFIGS, *ensemble_common, "--batch_size", "4")
     single = json.loads((work / "eval" / "metrics.json").read_text())
     ensemble = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    for group in ("segmentation", "classification"):
-        for key in ("lesion_dice", "pixel_accuracy", "accuracy", "macro_f1"):
-            if key in single[group]:
-                assert ensemble[group][key] == pytest.approx(single[group][key], abs=1e-6), key
+    for group, key in [("segmentation", "lesion_dice"), ("segmentation", "pixel_accuracy"),
+                       ("classification", "accuracy"), ("classification", "macro_f1")]:  # fmt: skip
+        assert ensemble[group][key] == pytest.approx(single[group][key], abs=1e-6), key
 
 
 def test_inference_on_mixed_folder(trained, synthetic_dataset, tmp_path):
