@@ -21,6 +21,7 @@ Usage::
     python tools/ablate.py report --out runs/ablation      # markdown table of mean and spread over seeds
     python tools/ablate.py evaluate --dataset_dir ... --ckpt bundle/models/model.pt --image_size 256 --tta true
     python tools/ablate.py sweep --dataset_dir ... --ckpt bundle/models/model.pt   # post-processing choices
+    python tools/ablate.py ensemble --dataset_dir ... --ckpts "['a/model.pt','b/model.pt']"  # members and their mean
 """
 
 from __future__ import annotations
