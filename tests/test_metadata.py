@@ -183,7 +183,12 @@ def test_metadata_agrees_with_config(metadata, config):
 @pytest.mark.parametrize("config", ["inference.json", "evaluate.json"])
 def test_inference_and_training_build_the_same_network(config):
     train = load_json(BUNDLE_ROOT / "configs" / "train.json")
-    network = load_json(BUNDLE_ROOT / "configs" / config)["network_def"]
+    if config == "evaluate.json":  # merged over train.json: it overrides single entries of its network_def
+        network = {**train["network_def"], **{key.split("#", 1)[1]: value
+                                              for key, value in load_json(BUNDLE_ROOT / "configs" / config).items()
+                                              if key.startswith("network_def#")}}  # fmt: skip
+    else:
+        network = load_json(BUNDLE_ROOT / "configs" / config)["network_def"]
     assert network["_target_"] == "scripts.net.multitask_network"  # one network or an ensemble of them
     assert network.get("pretrained", False) is False, "inference takes its weights from model.pt"
 

@@ -233,4 +233,7 @@ def test_an_ensemble_is_made_of_matching_networks(tmp_path):
         make_ensemble.main([str(tmp_path / "small.pt"), str(tmp_path / "other_key.pt")], str(out))
     with pytest.raises(ValueError, match="at least two"):
         make_ensemble.main([str(tmp_path / "small.pt")], str(out))
+    make_ensemble.main([str(tmp_path / "small.pt")] * 2, str(tmp_path / "pair.pt"))
+    with pytest.raises(ValueError, match="pair.pt holds an ensemble already"):
+        make_ensemble.main([str(tmp_path / "pair.pt"), str(tmp_path / "small.pt")], str(out))
     assert not out.exists() and not list(tmp_path.glob("*.partial"))

@@ -153,16 +153,18 @@ def _parser(dataset_dir: str, overrides: dict):
 def load_network(parser, ckpt: str, weights: str = "model") -> torch.nn.Module:
     """``network_def`` of ``parser`` with the weights ``ckpt[weights]``: one network, or an ensemble of such networks
     (``scripts.net.MultiTaskEnsemble``) where the checkpoint holds several."""
-    from scripts.net import MultiTaskEnsemble, ensemble_size
+    from scripts.handlers import load_checkpoint
+    from scripts.net import MultiTaskEnsemble, ensemble_members
 
     def member(return_embedding: bool = False) -> torch.nn.Module:
         network = parser.get_parsed_content("network_def", lazy=False)
         network.return_embedding = return_embedding
         return network
 
-    members = ensemble_size(ckpt, weights)
+    state = load_checkpoint(ckpt)[weights]
+    members = ensemble_members(state)
     network = member() if members == 1 else MultiTaskEnsemble(member, members)
-    network.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)[weights])
+    network.load_state_dict(state)
     return network
 
 
@@ -516,10 +518,6 @@ def operating_point(
     return result
 
 
-def _member_networks(parser, ckpts: list[str]) -> list[torch.nn.Module]:
-    return [load_network(parser, ckpt).eval() for ckpt in ckpts]
-
-
 @torch.no_grad()
 def augmented_class_probs(
     dataset_dir: str, ckpts: list[str], overrides: dict, draws: int = 4, seed: int = 0
@@ -537,7 +535,7 @@ def augmented_class_probs(
     parser = _parser(dataset_dir, {**overrides, "validate#split": "validation"})
     items = parser.get_parsed_content("validate#datalist")()
     augment = parser.get_parsed_content("train#preprocessing")
-    networks = _member_networks(parser, ckpts)
+    networks = [load_network(parser, ckpt).eval() for ckpt in ckpts]
     probs, labels = [], []
     for _ in range(draws):
         for item in items:

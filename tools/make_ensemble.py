@@ -11,12 +11,15 @@ Usage::
 
 from __future__ import annotations
 
-import os
-import tempfile
+import sys
 from pathlib import Path
 
 import fire
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
+from scripts.handlers import atomic_save, load_checkpoint  # noqa: E402
+from scripts.net import ENSEMBLE_PREFIX  # noqa: E402
 
 
 def combine(states: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str, torch.Tensor]:
@@ -28,12 +31,12 @@ def combine(states: list[dict[str, torch.Tensor]], names: list[str]) -> dict[str
     if len(states) < 2:
         raise ValueError(f"an ensemble needs at least two networks, got {len(states)}.")
     reference = {key: tuple(value.shape) for key, value in states[0].items()}
-    for state, name in zip(states[1:], names[1:]):
-        if any(key.startswith("members.") for key in state):
+    for state, name in zip(states, names):
+        if any(key.startswith(ENSEMBLE_PREFIX) for key in state):
             raise ValueError(f"{name} holds an ensemble already; give its members' own model.pt files.")
         if {key: tuple(value.shape) for key, value in state.items()} != reference:
             raise ValueError(f"{name} is not the network of {names[0]} (other weight names or shapes).")
-    return {f"members.{index}.{key}": value for index, state in enumerate(states) for key, value in state.items()}
+    return {f"{ENSEMBLE_PREFIX}{i}.{key}": value for i, state in enumerate(states) for key, value in state.items()}
 
 
 def main(ckpts: list[str], out: str, key: str = "model") -> str:
@@ -46,21 +49,12 @@ def main(ckpts: list[str], out: str, key: str = "model") -> str:
     """
     states = []
     for ckpt in ckpts:
-        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(ckpt)
         if key not in checkpoint:
             raise ValueError(f"{ckpt} has no {key!r} entry (keys: {sorted(checkpoint)}).")
         states.append(checkpoint[key])
     ensemble = combine(states, [str(c) for c in ckpts])
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-    os.close(handle)
-    try:
-        torch.save({key: ensemble}, partial)
-        os.replace(partial, target)
-    finally:
-        Path(partial).unlink(missing_ok=True)
-    return f"{target}: {len(states)} members"
+    return f"{atomic_save({key: ensemble}, out)}: {len(states)} members"
 
 
 if __name__ == "__main__":

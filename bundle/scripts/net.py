@@ -6,7 +6,7 @@ Each part can be swapped alone: the encoder is residual or an ImageNet-pretraine
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ __all__ = [
     "ClassificationHead",
     "MultiTaskResUNet",
     "MultiTaskEnsemble",
+    "ensemble_members",
     "ensemble_size",
     "multitask_network",
 ]
@@ -220,16 +221,20 @@ class MultiTaskEnsemble(nn.Module):
 ENSEMBLE_PREFIX = "members."
 
 
+def ensemble_members(state: Mapping[str, torch.Tensor]) -> int:
+    """How many networks a state dict belongs to: the members of a :class:`MultiTaskEnsemble`, or 1 for one network."""
+    members = {name[len(ENSEMBLE_PREFIX) :].split(".", 1)[0] for name in state if name.startswith(ENSEMBLE_PREFIX)}
+    return max(len(members), 1)
+
+
 def ensemble_size(checkpoint: str | Path, key: str = "model") -> int:
-    """How many networks the weights in ``checkpoint[key]`` belong to: the members of a :class:`MultiTaskEnsemble`,
-    or 1 for one network's weights or a checkpoint that does not exist yet (e.g. before the first training)."""
+    """:func:`ensemble_members` of the weights in ``checkpoint[key]``; 1 for a checkpoint that does not exist yet
+    (e.g. before the first training)."""
     from .handlers import load_checkpoint  # weights only; names a damaged or code-carrying file
 
     if not Path(checkpoint).is_file():
         return 1
-    state = load_checkpoint(checkpoint)[key]
-    members = {name[len(ENSEMBLE_PREFIX) :].split(".", 1)[0] for name in state if name.startswith(ENSEMBLE_PREFIX)}
-    return max(len(members), 1)
+    return ensemble_members(load_checkpoint(checkpoint)[key])
 
 
 def multitask_network(num_members: int = 1, **kwargs) -> nn.Module:
