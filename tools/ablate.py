@@ -176,6 +176,7 @@ def predict_split(
     split: str = "validation",
     tta: bool = False,
     weights: str = "model",
+    device: str = "cpu",
 ) -> dict[str, np.ndarray]:
     """Probabilities of a checkpoint on one split of the datalist.
 
@@ -186,6 +187,7 @@ def predict_split(
         split: datalist split.
         tta: also predict the horizontally flipped image and average the probabilities.
         weights: the checkpoint entry to load (``ema_model``: the moving average of the weights).
+        device: where the network runs (``cuda`` where there is one); the outputs come back on the CPU.
 
     Returns:
         ``seg`` lesion probability ``(N, H, W)``, ``cls`` class probabilities ``(N, 3)``, ``label`` label maps
@@ -196,23 +198,25 @@ def predict_split(
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     items = parser.get_parsed_content("validate#datalist")()
     network = load_network(parser, ckpt, weights)
-    network.eval().to(memory_format=torch.channels_last)
+    network.eval().to(device, memory_format=torch.channels_last)
     network.return_embedding = True
-    autocast = resolve_amp(parser["amp"], "cpu")
+    device_type = torch.device(device).type
+    autocast = resolve_amp(parser["amp"], device_type)
     views_seg, views_logits, embeddings, labels = [], [], [], []
     for start in range(0, len(items), 16):
         batch = [preprocessing(item) for item in items[start : start + 16]]
-        images = torch.stack([b["image"].as_tensor() for b in batch]).contiguous(memory_format=torch.channels_last)
+        images = torch.stack([b["image"].as_tensor() for b in batch]).to(device)
+        images = images.contiguous(memory_format=torch.channels_last)
         views = [images, images.flip(2)] if tta else [images]
         seg, logits = [], []
         for index, view in enumerate(views):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
                 out = network(view)
-            seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0]
+            seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0].cpu()
             seg.append(seg_prob.flip(1) if index == 1 else seg_prob)
-            logits.append(torch.log_softmax(out["cls"].float(), dim=1))
+            logits.append(torch.log_softmax(out["cls"].float(), dim=1).cpu())
             if index == 0:
-                embeddings.append(out["embedding"].float())
+                embeddings.append(out["embedding"].float().cpu())
         views_seg.append(torch.stack(seg))
         views_logits.append(torch.stack(logits))
         labels += [b["label"].as_tensor()[0] for b in batch]
@@ -520,11 +524,17 @@ def operating_point(
 
 @torch.no_grad()
 def augmented_class_probs(
-    dataset_dir: str, ckpts: list[str], overrides: dict, draws: int = 4, seed: int = 0
+    dataset_dir: str,
+    ckpts: list[str],
+    overrides: dict,
+    draws: int = 4,
+    seed: int = 0,
+    split: str = "validation",
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities of each checkpoint on the validation images under the training augmentation
-    (scanner-like resolution, speckle, gain and contrast changes, geometry): every drawn image is predicted by every
-    checkpoint, so the models are compared on the same draws.
+    """Class probabilities of each checkpoint on one split's images (validation unless ``split``) under the training
+    augmentation (scanner-like resolution, speckle, gain and contrast changes, geometry): every drawn image is
+    predicted by every checkpoint (on ``device``), so the models are compared on the same draws.
 
     Returns:
         probabilities ``(M, draws * N, 3)`` for the ``M`` checkpoints, and the true classes ``(draws * N,)``.
@@ -532,16 +542,16 @@ def augmented_class_probs(
     from monai.utils import set_determinism
 
     set_determinism(seed)
-    parser = _parser(dataset_dir, {**overrides, "validate#split": "validation"})
+    parser = _parser(dataset_dir, {**overrides, "validate#split": split})
     items = parser.get_parsed_content("validate#datalist")()
     augment = parser.get_parsed_content("train#preprocessing")
-    networks = [load_network(parser, ckpt).eval() for ckpt in ckpts]
+    networks = [load_network(parser, ckpt).eval().to(device) for ckpt in ckpts]
     probs, labels = [], []
     for _ in range(draws):
         for item in items:
             sample = augment(dict(item))
-            image = sample["image"].as_tensor()[None].float()
-            probs.append([torch.softmax(net(image)["cls"][0].float(), dim=0).numpy() for net in networks])
+            image = sample["image"].as_tensor()[None].float().to(device)
+            probs.append([torch.softmax(net(image)["cls"][0].float(), dim=0).cpu().numpy() for net in networks])
             labels.append(int(sample["label"].max()))
     return np.stack(probs, axis=1), np.array(labels)
 

@@ -1,0 +1,279 @@
+"""Cross-validation of the training recipe on the training split: is a seed ensemble better than one seed?
+
+The validation split has chosen every recipe change and every shipped seed, so a comparison scored on it favours
+whatever it picked. This tool makes fresh held-out data from the training split instead:
+
+1. ``folds``: the training split's duplicate groups are dealt into ``K`` folds (stratified by class, whole groups,
+   ``prepare_datalist.split_groups``). Fold ``k``'s datalist trains on the other folds, selects checkpoints on the
+   usual validation split, and holds fold ``k`` out under its ``test`` key (the real test split is left out).
+2. ``train``: every fold with every seed, the shipped ``train.json`` with only ``datalist`` and ``seed`` (and
+   ``extra`` overrides) changed. A deadline drops whole folds, last first, rather than shorten any training.
+3. ``predict``: each run's best checkpoint (``model.pt``, chosen on validation) on its held-out fold, as it is and
+   under ``draws`` draws of the training augmentation (the same draws for every seed of a fold); saved as
+   ``predictions_fold{k}.npz`` with each run's best validation score.
+4. ``report``: per fold and pooled over the folds, each seed, the seed that validation would ship (best validation
+   score) and the ensemble of the fold's seeds (mean probabilities), scored with ``ablate.score``.
+
+Usage::
+
+    python tools/cross_validate.py folds --dataset_dir <BUSI> --out runs/cv --folds 3
+    python tools/cross_validate.py train --dataset_dir <BUSI> --out runs/cv --seeds 3 --parallel 9
+    python tools/cross_validate.py predict --dataset_dir <BUSI> --out runs/cv --device cuda
+    python tools/cross_validate.py report --out runs/cv
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import numpy as np
+
+from ablate import BUNDLE, REPO, _train_command, augmented_class_probs, malignant_operating_point, predict_split, score
+from prepare_datalist import split_groups
+
+DATALIST = BUNDLE / "configs" / "datalist_Dataset_BUSI_with_GT.json"
+EPOCH_DONE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
+VAL_SCORE = re.compile(r"val_score: ([0-9.]+)")
+
+
+def folds(out: str = "runs/cv", folds: int = 3, seed: int = 0, datalist: str = str(DATALIST)) -> list[str]:
+    """Write ``fold{k}.json`` datalists (see the module docstring).
+
+    Args:
+        out: output folder.
+        folds: number of folds of the training split.
+        seed: shuffling seed of the groups.
+        datalist: the committed split.
+
+    Returns:
+        The fold datalist paths.
+    """
+    source = json.loads(Path(datalist).read_text())
+    pool = source["training"]
+    assignment = split_groups([e["group"] for e in pool], [e["class"] for e in pool], [1.0 / folds] * folds, seed)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fold in range(folds):
+        fold_list = {
+            "description": f"fold {fold} of {folds} of {Path(datalist).name}'s training split: trains on the other "
+            "folds, selects on its validation split, holds this fold out as 'test'",
+            "training": [e for e, f in zip(pool, assignment) if f != fold],
+            "validation": source["validation"],
+            "test": [e for e, f in zip(pool, assignment) if f == fold],
+        }
+        path = Path(out) / f"fold{fold}.json"
+        path.write_text(json.dumps(fold_list, indent=1))
+        paths.append(str(path))
+        counts = np.bincount([e["class"] for e in fold_list["test"]], minlength=3).tolist()
+        print(f"{path}: {len(fold_list['training'])} training, {len(fold_list['test'])} held out {counts}")
+    return paths
+
+
+def _epochs_done(log: Path) -> int:
+    return len(EPOCH_DONE.findall(log.read_text(errors="replace"))) if log.is_file() else 0
+
+
+def best_val_score(run_dir: Path) -> float:
+    """Highest ``val_score`` in a run's ``train.log`` (the one its ``model.pt`` was saved at)."""
+    return max(float(v) for v in VAL_SCORE.findall((run_dir / "train.log").read_text(errors="replace")))
+
+
+def _runs(out: str, seeds: int) -> list[tuple[int, int, Path]]:
+    fold_files = sorted(Path(out).glob("fold*.json"), key=lambda p: int(p.stem[4:]))
+    return [(int(f.stem[4:]), s, Path(out) / f"{f.stem}_seed{s}") for f in fold_files for s in range(seeds)]
+
+
+def train(
+    dataset_dir: str,
+    out: str = "runs/cv",
+    seeds: int = 3,
+    parallel: int = 9,
+    threads: int = 1,
+    deadline_s: float | None = None,
+    min_folds: int = 2,
+    extra: dict | None = None,
+) -> None:
+    """Train every (fold, seed) run at once, each in its own process; a finished run (its ``finished`` file, written
+    when the training exits cleanly) is not run again.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        out: the folder of :func:`folds`.
+        seeds: seeds 0 .. ``seeds`` - 1 per fold.
+        parallel: trainings at a time.
+        threads: OpenMP threads per training.
+        deadline_s: where the epochs measured so far say the runs would end later than this many seconds after the
+            start, the last fold's runs are stopped (never below ``min_folds`` folds).
+        min_folds: folds kept whatever the deadline.
+        extra: train.json overrides for every run (e.g. ``{"amp": false}``).
+    """
+    jobs = [(fold, seed, run_dir) for fold, seed, run_dir in _runs(out, seeds)]
+    jobs = [job for job in jobs if not (job[2] / "finished").is_file()]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    start, running, dropped = time.perf_counter(), [], set()
+    while jobs or running:
+        while jobs and len(running) < parallel:
+            fold, seed, run_dir = jobs.pop(0)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
+            log = open(run_dir / "train.log", "w")
+            process = subprocess.Popen(_train_command(dataset_dir, run_dir, overrides, seed), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env, cwd=REPO)  # fmt: skip
+            running.append((process, fold, seed, run_dir, log))
+            print(f"{time.perf_counter() - start:6.0f} s started {run_dir.name}", flush=True)
+        time.sleep(5)
+        for job in list(running):
+            process, fold, seed, run_dir, log = job
+            if process.poll() is not None:
+                running.remove(job)
+                log.close()
+                if process.returncode == 0:
+                    (run_dir / "finished").touch()
+                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
+                print(f"{time.perf_counter() - start:6.0f} s {run_dir.name} {status}", flush=True)
+        if deadline_s is None or not running:
+            continue
+        epochs = [_epochs_done(job[3] / "train.log") for job in running]
+        if min(epochs) < 2:
+            continue
+        elapsed = time.perf_counter() - start
+        max_epochs = int(json.loads((running[0][3] / "overrides.json").read_text()).get("max_epochs", 80))
+        projected = elapsed * max_epochs / min(epochs)
+        kept = sorted({job[1] for job in running} - dropped)
+        if projected > deadline_s and len(kept) > min_folds:
+            dropped.add(kept[-1])
+            for job in [j for j in running if j[1] == kept[-1]]:
+                job[0].terminate()
+            jobs = [j for j in jobs if j[0] != kept[-1]]
+            print(f"{elapsed:6.0f} s: {min(epochs)} epochs done, projected {projected:.0f} s > {deadline_s:.0f} s: "
+                  f"fold {kept[-1]} stopped", flush=True)  # fmt: skip
+
+
+def predict(
+    dataset_dir: str,
+    out: str = "runs/cv",
+    seeds: int = 3,
+    draws: int = 4,
+    device: str = "cpu",
+    extra: dict | None = None,
+) -> None:
+    """Predict each fold's held-out images with the best checkpoint of each of its finished seeds.
+
+    Saves ``predictions_fold{k}.npz``: ``cls`` ``(S, N, 3)``, ``seg`` lesion probabilities ``(S, N, H, W)`` as
+    uint8 (x 255), ``label`` ``(N, H, W)``, ``augmented_cls`` ``(S, draws * N, 3)`` with ``augmented_label``,
+    ``val_score`` ``(S,)`` and ``seeds``.
+    """
+    by_fold: dict[int, list[tuple[int, Path]]] = {}
+    for fold, seed, run_dir in _runs(out, seeds):
+        if (run_dir / "finished").is_file():
+            by_fold.setdefault(fold, []).append((seed, run_dir))
+    for fold, runs in sorted(by_fold.items()):
+        overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
+        ckpts = [str(run_dir / "models" / "model.pt") for _, run_dir in runs]
+        outputs = [predict_split(dataset_dir, ckpt, overrides, "test", device=device) for ckpt in ckpts]
+        aug_cls, aug_label = augmented_class_probs(dataset_dir, ckpts, overrides, draws, split="test", device=device)
+        path = Path(out) / f"predictions_fold{fold}.npz"
+        np.savez_compressed(
+            path,
+            cls=np.stack([o["cls"] for o in outputs]),
+            seg=np.round(np.stack([o["seg"] for o in outputs]) * 255).astype(np.uint8),
+            label=outputs[0]["label"].astype(np.uint8),
+            augmented_cls=aug_cls,
+            augmented_label=aug_label,
+            val_score=np.array([best_val_score(run_dir) for _, run_dir in runs]),
+            seeds=np.array([seed for seed, _ in runs]),
+            epochs=np.array([_epochs_done(run_dir / "train.log") for _, run_dir in runs]),
+        )
+        print(f"saved {path}: seeds {[s for s, _ in runs]}, {len(outputs[0]['cls'])} held-out images", flush=True)
+
+
+def _scores(cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.ndarray, aug_label: np.ndarray) -> dict:
+    from scripts.metrics import classification_metrics
+
+    result = score({"cls": cls, "seg": seg, "label": label})
+    result["score"] = (result["dice"] + result["macro_f1"]) / 2
+    result["augmented_benign_malignant_auc"] = malignant_operating_point(aug_cls, aug_label)["benign_malignant_auc"]
+    result["augmented_macro_auc"] = classification_metrics(aug_cls, None, aug_label)["macro_auc"]
+    return result
+
+
+def ensemble_against_selected(data: dict, members: int = 3) -> dict[str, float]:
+    """Mean over every ``members``-seed subset of one fold's seeds of (ensemble - the subset's validation-selected
+    seed), per score, on the fold's held-out images."""
+    seg = data["seg"].astype(np.float32) / 255.0
+    differences = []
+    for subset in itertools.combinations(range(len(data["seeds"])), members):
+        subset = list(subset)
+        chosen = subset[int(np.argmax(data["val_score"][subset]))]
+        ensemble = _scores(data["cls"][subset].mean(0), seg[subset].mean(0), data["label"],
+                           data["augmented_cls"][subset].mean(0), data["augmented_label"])  # fmt: skip
+        selected = _scores(data["cls"][chosen], seg[chosen], data["label"], data["augmented_cls"][chosen],
+                           data["augmented_label"])  # fmt: skip
+        differences.append({key: ensemble[key] - selected[key] for key in ensemble})
+    return {key: float(np.mean([d[key] for d in differences])) for key in differences[0]}
+
+
+def report(out: str = "runs/cv", members: int = 3) -> str:
+    """Scores of every seed, the validation-selected seed and the ensemble of the fold's seeds, per fold and pooled
+    (see the docstring); and ``ensemble_minus_selected``: per fold and averaged over the folds, the mean over every
+    ``members``-seed subset of (ensemble - the subset's validation-selected seed). Saved as ``report.json``.
+
+    Returns:
+        A markdown table of the main scores.
+    """
+    folds_data = [dict(np.load(p)) for p in sorted(Path(out).glob("predictions_fold*.npz"))]
+    if not folds_data:
+        raise FileNotFoundError(f"no predictions_fold*.npz in {out}: run 'predict' first")
+    result: dict[str, dict] = {}
+    pooled: dict[str, list] = {}
+    for index, data in enumerate(folds_data):
+        seg = data["seg"].astype(np.float32) / 255.0
+        selected = int(np.argmax(data["val_score"]))
+        candidates = {f"seed{s}": i for i, s in enumerate(data["seeds"])}
+        candidates["selected"] = selected
+        fold_result = {}
+        for name, i in [*candidates.items(), ("ensemble", None)]:
+            cls = data["cls"].mean(0) if i is None else data["cls"][i]
+            seg_map = seg.mean(0) if i is None else seg[i]
+            aug = data["augmented_cls"].mean(0) if i is None else data["augmented_cls"][i]
+            fold_result[name] = _scores(cls, seg_map, data["label"], aug, data["augmented_label"])
+            pooled.setdefault(name, []).append((cls, seg_map, data["label"], aug, data["augmented_label"]))
+        seed_names = [n for n in fold_result if n.startswith("seed")]
+        fold_result["seed_mean"] = {k: float(np.mean([fold_result[n][k] for n in seed_names]))
+                                    for k in fold_result["ensemble"]}  # fmt: skip
+        fold_result["selected_seed"] = int(data["seeds"][selected])
+        result[f"fold{index}"] = fold_result
+        if len(data["seeds"]) >= members:
+            differences = ensemble_against_selected(data, members)
+            result.setdefault("ensemble_minus_selected", {})[f"fold{index}"] = differences
+    if "ensemble_minus_selected" in result:
+        per_fold = list(result["ensemble_minus_selected"].values())
+        result["ensemble_minus_selected"]["mean"] = {k: float(np.mean([d[k] for d in per_fold])) for k in per_fold[0]}
+    result["pooled"] = {
+        name: _scores(*(np.concatenate([part[j] for part in parts]) for j in range(5)))
+        for name, parts in pooled.items()
+    }
+    keys = ("score", "dice", "iou", "macro_f1", "accuracy", "normal_fp", "malignant_recall", "lesion_called_normal",
+            "macro_auc", "benign_malignant_auc", "specificity_at_0.9_recall", "augmented_benign_malignant_auc",
+            "augmented_macro_auc")  # fmt: skip
+    lines = ["| fold | model | " + " | ".join(keys) + " |", "| --- | --- |" + " ---: |" * len(keys)]
+    for fold, fold_result in result.items():
+        for name, scores in fold_result.items():
+            if isinstance(scores, dict):
+                name = f"{members}-seed ensemble - selected, {name}" if fold == "ensemble_minus_selected" else name
+                lines.append(f"| {fold} | {name} | " + " | ".join(f"{scores[k]:.3f}" for k in keys) + " |")
+    (Path(out) / "report.json").write_text(json.dumps(result, indent=1))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(BUNDLE))
+    fire.Fire({"folds": folds, "train": train, "predict": predict, "report": report})
