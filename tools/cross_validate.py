@@ -7,7 +7,7 @@ whatever it picked. This tool makes fresh held-out data from the training split 
    ``prepare_datalist.split_groups``). Fold ``k``'s datalist trains on the other folds, selects checkpoints on the
    usual validation split, and holds fold ``k`` out under its ``test`` key (the real test split is left out).
 2. ``train``: every fold with every seed, the shipped ``train.json`` with only ``datalist`` and ``seed`` (and
-   ``extra`` overrides) changed. A deadline drops whole folds, last first, rather than shorten any training.
+   ``extra`` overrides) changed. A deadline stops the highest seed, then the last fold; no training is shortened.
 3. ``predict``: each run's best checkpoint (``model.pt``, chosen on validation) on its held-out fold, as it is and
    under ``draws`` draws of the training augmentation (the same draws for every seed of a fold); saved as
    ``predictions_fold{k}.npz`` with each run's best validation score.
@@ -35,7 +35,6 @@ from pathlib import Path
 
 import fire
 import numpy as np
-
 from ablate import BUNDLE, REPO, _train_command, augmented_class_probs, malignant_operating_point, predict_split, score
 from prepare_datalist import split_groups
 
@@ -98,6 +97,7 @@ def train(
     parallel: int = 9,
     threads: int = 1,
     deadline_s: float | None = None,
+    min_seeds: int = 3,
     min_folds: int = 2,
     extra: dict | None = None,
 ) -> None:
@@ -110,15 +110,18 @@ def train(
         seeds: seeds 0 .. ``seeds`` - 1 per fold.
         parallel: trainings at a time.
         threads: OpenMP threads per training.
-        deadline_s: where the epochs measured so far say the runs would end later than this many seconds after the
-            start, the last fold's runs are stopped (never below ``min_folds`` folds).
+        deadline_s: where the epoch rate measured since the last check says the runs would end later than this many
+            seconds after the start, runs are stopped: the highest seed of every fold while more than ``min_seeds``
+            seeds run, then the last fold while more than ``min_folds`` folds run. No training is shortened.
+        min_seeds: seeds per fold kept whatever the deadline.
         min_folds: folds kept whatever the deadline.
         extra: train.json overrides for every run (e.g. ``{"amp": false}``).
     """
     jobs = [(fold, seed, run_dir) for fold, seed, run_dir in _runs(out, seeds)]
     jobs = [job for job in jobs if not (job[2] / "finished").is_file()]
+    max_epochs = int((extra or {}).get("max_epochs", 80))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start, running, dropped = time.perf_counter(), [], set()
+    start, running, reference = time.perf_counter(), [], None
     while jobs or running:
         while jobs and len(running) < parallel:
             fold, seed, run_dir = jobs.pop(0)
@@ -139,22 +142,32 @@ def train(
                     (run_dir / "finished").touch()
                 status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
                 print(f"{time.perf_counter() - start:6.0f} s {run_dir.name} {status}", flush=True)
-        if deadline_s is None or not running:
+        if deadline_s is None or not running or jobs:
             continue
-        epochs = [_epochs_done(job[3] / "train.log") for job in running]
-        if min(epochs) < 2:
+        elapsed, done = time.perf_counter() - start, min(_epochs_done(job[3] / "train.log") for job in running)
+        if done < 1:
             continue
-        elapsed = time.perf_counter() - start
-        max_epochs = int(json.loads((running[0][3] / "overrides.json").read_text()).get("max_epochs", 80))
-        projected = elapsed * max_epochs / min(epochs)
-        kept = sorted({job[1] for job in running} - dropped)
-        if projected > deadline_s and len(kept) > min_folds:
-            dropped.add(kept[-1])
-            for job in [j for j in running if j[1] == kept[-1]]:
-                job[0].terminate()
-            jobs = [j for j in jobs if j[0] != kept[-1]]
-            print(f"{elapsed:6.0f} s: {min(epochs)} epochs done, projected {projected:.0f} s > {deadline_s:.0f} s: "
-                  f"fold {kept[-1]} stopped", flush=True)  # fmt: skip
+        if reference is None:
+            reference = (elapsed, done)
+        if done < reference[1] + 2:
+            continue
+        projected = elapsed + (max_epochs - done) * (elapsed - reference[0]) / (done - reference[1])
+        reference = (elapsed, done)
+        seeds_running = sorted({job[2] for job in running})
+        folds_running = sorted({job[1] for job in running})
+        if projected <= deadline_s:
+            continue
+        if len(seeds_running) > min_seeds:
+            stop, what = [job for job in running if job[2] == seeds_running[-1]], f"seed {seeds_running[-1]}"
+        elif len(folds_running) > min_folds:
+            stop, what = [job for job in running if job[1] == folds_running[-1]], f"fold {folds_running[-1]}"
+        else:
+            continue
+        for job in stop:
+            job[0].terminate()
+        reference = None
+        print(f"{elapsed:6.0f} s: {done} epochs done, projected {projected:.0f} s > {deadline_s:.0f} s: {what} "
+              "stopped", flush=True)
 
 
 def predict(
@@ -164,17 +177,19 @@ def predict(
     draws: int = 4,
     device: str = "cpu",
     extra: dict | None = None,
+    fold: int | None = None,
 ) -> None:
-    """Predict each fold's held-out images with the best checkpoint of each of its finished seeds.
+    """Predict each fold's held-out images (only fold ``fold`` if given) with the best checkpoint of each of its
+    finished seeds.
 
     Saves ``predictions_fold{k}.npz``: ``cls`` ``(S, N, 3)``, ``seg`` lesion probabilities ``(S, N, H, W)`` as
     uint8 (x 255), ``label`` ``(N, H, W)``, ``augmented_cls`` ``(S, draws * N, 3)`` with ``augmented_label``,
     ``val_score`` ``(S,)`` and ``seeds``.
     """
     by_fold: dict[int, list[tuple[int, Path]]] = {}
-    for fold, seed, run_dir in _runs(out, seeds):
-        if (run_dir / "finished").is_file():
-            by_fold.setdefault(fold, []).append((seed, run_dir))
+    for run_fold, seed, run_dir in _runs(out, seeds):
+        if (run_dir / "finished").is_file() and fold in (None, run_fold):
+            by_fold.setdefault(run_fold, []).append((seed, run_dir))
     for fold, runs in sorted(by_fold.items()):
         overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
         ckpts = [str(run_dir / "models" / "model.pt") for _, run_dir in runs]
