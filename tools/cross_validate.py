@@ -16,6 +16,7 @@ whatever it picked. This tool makes fresh held-out data from the training split 
 
 Usage::
 
+    python tools/cross_validate.py downscale --dataset_dir <BUSI> --out .busi/Dataset_BUSI_with_GT   # optional
     python tools/cross_validate.py folds --dataset_dir <BUSI> --out runs/cv --folds 3
     python tools/cross_validate.py train --dataset_dir <BUSI> --out runs/cv --seeds 3 --parallel 9
     python tools/cross_validate.py predict --dataset_dir <BUSI> --out runs/cv --device cuda
@@ -41,6 +42,33 @@ from prepare_datalist import split_groups
 DATALIST = BUNDLE / "configs" / "datalist_Dataset_BUSI_with_GT.json"
 EPOCH_DONE = re.compile(r"SupervisedTrainer - INFO - Epoch\[(\d+)\] Complete")
 VAL_SCORE = re.compile(r"val_score: ([0-9.]+)")
+
+
+def downscale(dataset_dir: str, out: str, max_side: int = 288) -> None:
+    """Copy a BUSI-layout folder with every PNG shrunk to at most ``max_side`` pixels a side (images with a box
+    filter, masks nearest), so that the cross-validation data fits a device machine's transfer limit (the 780 BUSI
+    images: 109 MB -> 30 MB). The network input (160 px) is unchanged; every run of one cross-validation must read the
+    same copy.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        out: the new folder; name it like the original (``.../Dataset_BUSI_with_GT``) so that train.json finds the
+            committed datalist.
+        max_side: longest side after shrinking; smaller images are copied as they are.
+    """
+    from PIL import Image
+
+    source = Path(dataset_dir)
+    for path in sorted(source.rglob("*.png")):
+        target = Path(out) / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as image:
+            image.load()
+            scale = max_side / max(image.size)
+            if scale < 1:
+                size = (round(image.size[0] * scale), round(image.size[1] * scale))
+                image = image.resize(size, Image.NEAREST if "_mask" in path.name else Image.BOX)
+            image.save(target, optimize=True)
 
 
 def folds(out: str = "runs/cv", folds: int = 3, seed: int = 0, datalist: str = str(DATALIST)) -> list[str]:
@@ -100,9 +128,10 @@ def train(
     min_seeds: int = 3,
     min_folds: int = 2,
     extra: dict | None = None,
+    fold: int | list[int] | None = None,
 ) -> None:
-    """Train every (fold, seed) run at once, each in its own process; a finished run (its ``finished`` file, written
-    when the training exits cleanly) is not run again.
+    """Train every (fold, seed) run (only those of ``fold`` if given), each in its own process; a finished run (its
+    ``finished`` file, written when the training exits cleanly) is not run again.
 
     Args:
         dataset_dir: the BUSI folder.
@@ -116,8 +145,10 @@ def train(
         min_seeds: seeds per fold kept whatever the deadline.
         min_folds: folds kept whatever the deadline.
         extra: train.json overrides for every run (e.g. ``{"amp": false}``).
+        fold: train the runs of this fold (or these folds) only.
     """
-    jobs = [(fold, seed, run_dir) for fold, seed, run_dir in _runs(out, seeds)]
+    wanted = None if fold is None else set(np.atleast_1d(fold).tolist())
+    jobs = [(f, seed, run_dir) for f, seed, run_dir in _runs(out, seeds) if wanted is None or f in wanted]
     jobs = [job for job in jobs if not (job[2] / "finished").is_file()]
     max_epochs = int((extra or {}).get("max_epochs", 80))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -291,4 +322,4 @@ def report(out: str = "runs/cv", members: int = 3) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE))
-    fire.Fire({"folds": folds, "train": train, "predict": predict, "report": report})
+    fire.Fire({"downscale": downscale, "folds": folds, "train": train, "predict": predict, "report": report})
