@@ -43,10 +43,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)``; a ``ValueError`` names a file that is damaged or would run code."""
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``; a ``ValueError`` names a file that is damaged or would run code.
+
+    Args:
+        path: the checkpoint.
+        map_location: where the tensors go.
+        mmap: map the tensors from the file instead of reading them (for a look at the keys and shapes only).
+    """
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         raise ValueError(
             f"{path}: refused to load this checkpoint: it is not a plain weights-only file, or it is damaged "

@@ -234,7 +234,7 @@ def ensemble_size(checkpoint: str | Path, key: str = "model") -> int:
 
     if not Path(checkpoint).is_file():
         return 1
-    return ensemble_members(load_checkpoint(checkpoint)[key])
+    return ensemble_members(load_checkpoint(checkpoint, mmap=True)[key])  # keys only: nothing is read
 
 
 def multitask_network(num_members: int = 1, **kwargs) -> nn.Module:
