@@ -131,7 +131,8 @@ def train(
     fold: int | list[int] | None = None,
 ) -> None:
     """Train every (fold, seed) run (only those of ``fold`` if given), each in its own process; a finished run (its
-    ``finished`` file, written when the training exits cleanly) is not run again.
+    ``finished`` file, written when the training exits cleanly) is not run again, an interrupted one resumes from its
+    ``checkpoint.pt`` (its ``train.log`` goes on, so the best validation score stays in it).
 
     Args:
         dataset_dir: the BUSI folder.
@@ -158,7 +159,10 @@ def train(
             fold, seed, run_dir = jobs.pop(0)
             run_dir.mkdir(parents=True, exist_ok=True)
             overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
-            log = open(run_dir / "train.log", "w")
+            resume = (run_dir / "models" / "checkpoint.pt").is_file()  # an interrupted run goes on where it stopped
+            if resume:
+                overrides["resume"] = True
+            log = open(run_dir / "train.log", "a" if resume else "w")
             process = subprocess.Popen(_train_command(dataset_dir, run_dir, overrides, seed), stdout=log,
                                        stderr=subprocess.STDOUT, env=env, cwd=REPO)  # fmt: skip
             running.append((process, fold, seed, run_dir, log))

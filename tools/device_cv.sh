@@ -41,7 +41,7 @@ if [ "$SMOKE" = 1 ]; then  # one epoch of fold 0 and its prediction, so that a f
 fi
 timeout "$TRAIN_LIMIT" $PY tools/cross_validate.py train --dataset_dir "$D" --out "$R" --seeds "$SEEDS" \
   --parallel "$PARALLEL" --fold "$FOLDS" --extra "{\"amp\": false$EXTRA}" 2>&1 | log
-pkill -f "monai.bundle run training"; sleep 2; date -u | log
+pkill -f -- "--ckpt_dir $R/"; sleep 2  # this call's runs only: other trainings on the machine go on; date -u | log
 for f in 0 1 2; do
   OMP_NUM_THREADS=4 timeout "$PREDICT_LIMIT" $PY tools/cross_validate.py predict --dataset_dir "$D" --out "$R" \
     --seeds "$SEEDS" --draws 4 --device "$DEVICE" --extra "{\"amp\": false$EXTRA}" --fold $f > "$R/predict$f.log" 2>&1 &
