@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,9 +50,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", mmap: bo
     Args:
         path: the checkpoint.
         map_location: where the tensors go.
-        mmap: map the tensors from the file instead of reading them (for a look at the keys and shapes only).
+        mmap: map the tensors from the file instead of reading them (for a look at the keys and shapes only);
+            only for torch's zip format, so that an old or foreign file fails with the unpickling error.
     """
     try:
+        mmap = mmap and zipfile.is_zipfile(path)
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         raise ValueError(
