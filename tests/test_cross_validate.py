@@ -1,9 +1,11 @@
 """tools/cross_validate.py: folds that keep duplicate groups whole, the ensemble-against-selected report, the
-downscaled copy."""
+downscaled copy, the training scheduler's deadline."""
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from collections import Counter
 
 import numpy as np
@@ -101,3 +103,36 @@ def test_downscale_shrinks_images_and_keeps_mask_values(cross_validate, tmp_path
     assert set(np.unique(small_mask)) == {0, 255}
     assert abs(float(small.mean()) - float(image.mean())) < 2.0  # a box filter keeps the mean grey level
     np.testing.assert_array_equal(np.array(Image.open(out / "benign" / "benign (2).png")), image[:50, :80])
+
+
+def _fake_training(dataset_dir, run_dir, overrides, seed) -> list[str]:
+    """A stand-in for ``monai.bundle run training``: 10 logged epochs of 0.3 s."""
+    script = (
+        "import time\n"
+        "for epoch in range(1, 11):\n"
+        "    time.sleep(0.3)\n"
+        "    print(f'SupervisedTrainer - INFO - Epoch[{epoch}] Complete. Time taken: 0.3', flush=True)\n"
+    )
+    return [sys.executable, "-c", script]
+
+
+def test_train_deadline_stops_the_highest_seed_and_marks_finished_runs(cross_validate, monkeypatch, tmp_path):
+    monkeypatch.setattr(sys.modules["ablate"], "_train_command", _fake_training)
+    monkeypatch.setattr(cross_validate, "TrainingPool", functools.partial(cross_validate.TrainingPool, poll_s=0.2))
+    for fold in (0, 1):
+        (tmp_path / f"fold{fold}.json").write_text("{}")
+    # 3 s of training cannot meet a 0.5 s deadline: seed 3 of both folds goes, the 3 seeds and 2 folds kept stay
+    cross_validate.train("unused", out=str(tmp_path), seeds=4, parallel=8, deadline_s=0.5, extra={"max_epochs": 10})
+    finished = sorted(p.parent.name for p in tmp_path.glob("fold*_seed*/finished"))
+    assert finished == [f"fold{f}_seed{s}" for f in (0, 1) for s in (0, 1, 2)]
+    assert cross_validate._epochs_done(tmp_path / "fold0_seed3" / "train.log") < 10
+    # a second call trains only what is not finished: the two stopped runs
+    cross_validate.train("unused", out=str(tmp_path), seeds=4, parallel=8, extra={"max_epochs": 10})
+    assert len(list(tmp_path.glob("fold*_seed*/finished"))) == 8
+
+
+def test_epochs_done_counts_an_epoch_repeated_after_a_resume_once(cross_validate, tmp_path):
+    log = tmp_path / "train.log"
+    line = "SupervisedTrainer - INFO - Epoch[{}] Complete. Time taken: 1\n"
+    log.write_text("".join(line.format(e) for e in (1, 2, 3, 2, 3, 4)))
+    assert cross_validate._epochs_done(log) == 4

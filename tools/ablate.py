@@ -13,7 +13,8 @@ Scores per variant:
 - ``accuracy``, ``macro_f1``, ``macro_auc`` of the classification head;
 - ``benign_malignant_auc`` of ``p(malignant)`` between benign and malignant images, and ``specificity_at_0.9_recall``,
   the benign specificity of the highest threshold that finds 90 % of the cancers: the threshold-free view of the
-  shipped malignant operating point, which is chosen on validation.
+  shipped malignant operating point, which is chosen on validation;
+- ``score``: (``dice`` + ``macro_f1``) / 2, the training's checkpoint-selection score.
 
 Usage::
 
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import fire
 import numpy as np
@@ -262,9 +264,10 @@ def score(
     dice_iou = [lesion_dice_iou(p, y) for p, y in zip(shipped[has], label[has])]
     metrics = classification_metrics(probs, preds, labels)
     high_recall = malignant_operating_point(probs, labels, sensitivity=0.9)
+    dice = float(np.mean([d for d, _ in dice_iou]))
     return {
         "dice_seg": float(np.mean(dice_seg)),
-        "dice": float(np.mean([d for d, _ in dice_iou])),
+        "dice": dice,
         "iou": float(np.mean([i for _, i in dice_iou])),
         "normal_fp": float(shipped[~has].reshape((~has).sum(), -1).any(axis=1).mean()),
         "accuracy": metrics["accuracy"],
@@ -275,6 +278,17 @@ def score(
         "lesion_called_normal": float((preds[has] == 0).mean()),
         "benign_malignant_auc": high_recall["benign_malignant_auc"],
         "specificity_at_0.9_recall": high_recall["specificity"],
+        "score": (dice + metrics["macro_f1"]) / 2,
+    }
+
+
+def augmented_scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Benign / malignant and macro AUC of class probabilities on augmented draws (:func:`augmented_class_probs`)."""
+    from scripts.metrics import classification_metrics
+
+    return {
+        "augmented_benign_malignant_auc": malignant_operating_point(probs, labels)["benign_malignant_auc"],
+        "augmented_macro_auc": classification_metrics(probs, None, labels)["macro_auc"],
     }
 
 
@@ -286,6 +300,63 @@ def _train_command(dataset_dir: str, run_dir: Path, overrides: dict, seed: int) 
         "--bundle_root", str(BUNDLE), "--dataset_dir", dataset_dir, "--ckpt_dir", str(run_dir / "models"),
         "--output_dir", str(run_dir / "eval"), "--args_file", str(args_file),
     ]  # fmt: skip
+
+
+class TrainingPool:
+    """Trainings of ``train.json`` (:func:`_train_command`), each its own process writing its run folder's
+    ``train.log``, at most ``parallel`` at a time.
+
+    Args:
+        dataset_dir: the BUSI folder.
+        parallel: trainings at a time.
+        threads: OpenMP threads per training.
+        poll_s: seconds between checks for ended trainings.
+    """
+
+    def __init__(self, dataset_dir: str, parallel: int, threads: int = 1, poll_s: float = 5.0) -> None:
+        self.dataset_dir, self.parallel, self.poll_s = dataset_dir, parallel, poll_s
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.running: dict[Path, tuple[subprocess.Popen, IO, float]] = {}
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Seconds since the pool was made."""
+        return time.perf_counter() - self.started
+
+    def has_room(self) -> bool:
+        """Whether fewer than ``parallel`` trainings run."""
+        return len(self.running) < self.parallel
+
+    def start(self, run_dir: Path, overrides: dict, seed: int, append_log: bool = False) -> None:
+        """Start the training of ``run_dir`` (``append_log``: a resumed run's log goes on)."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run_dir / "train.log", "a" if append_log else "w")
+        command = _train_command(self.dataset_dir, run_dir, overrides, seed)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        self.running[run_dir] = (process, log, time.perf_counter())
+        print(f"{self.elapsed():6.0f} s started {run_dir.name}", flush=True)
+
+    def wait(self) -> list[tuple[Path, int, float]]:
+        """Sleep ``poll_s``, then collect the trainings that have ended.
+
+        Returns:
+            ``(run folder, exit code, seconds it ran)`` of each.
+        """
+        time.sleep(self.poll_s)
+        ended = []
+        for run_dir, (process, log, started) in list(self.running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del self.running[run_dir]
+            ended.append((run_dir, process.returncode, time.perf_counter() - started))
+            status = "done" if process.returncode == 0 else f"FAILED ({process.returncode}), see {run_dir}/train.log"
+            print(f"{self.elapsed():6.0f} s {run_dir.name} {status}", flush=True)
+        return ended
+
+    def stop(self, run_dir: Path) -> None:
+        """Terminate the training of ``run_dir``; :meth:`wait` collects it."""
+        self.running[run_dir][0].terminate()
 
 
 def run(
@@ -318,30 +389,18 @@ def run(
             run_dir = Path(out) / f"{name}_seed{seed}"
             if not (run_dir / "scores.json").is_file():
                 jobs.append((name, seed, run_dir, {**budget, **overrides}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running: list = []
-    while jobs or running:
-        while jobs and len(running) < parallel:
+    pool, started = TrainingPool(dataset_dir, parallel), {}
+    while jobs or pool.running:
+        while jobs and pool.has_room():
             name, seed, run_dir, overrides = jobs.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            log = open(run_dir / "train.log", "w")
-            command = _train_command(dataset_dir, run_dir, overrides, seed)
-            running.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO),
-                            time.perf_counter(), name, seed, run_dir, overrides, log))  # fmt: skip
-            print(f"started {run_dir.name}", flush=True)
-        time.sleep(5)
-        for job in list(running):
-            process, started, name, seed, run_dir, overrides, log = job
-            if process.poll() is None:
-                continue
-            running.remove(job)
-            log.close()
-            if process.returncode != 0:
-                print(f"{run_dir.name} failed ({process.returncode}), see {run_dir / 'train.log'}", flush=True)
+            pool.start(run_dir, overrides, seed)
+            started[run_dir] = (name, seed, overrides)
+        for run_dir, returncode, seconds in pool.wait():
+            name, seed, overrides = started.pop(run_dir)
+            if returncode != 0:
                 continue
             outputs = predict_split(dataset_dir, str(run_dir / "models" / "checkpoint.pt"), overrides)
-            result = {"variant": name, "seed": seed, "overrides": overrides, "train_s": time.perf_counter() - started,
-                      **score(outputs)}  # fmt: skip
+            result = {"variant": name, "seed": seed, "overrides": overrides, "train_s": seconds, **score(outputs)}
             if "ema_handler" in overrides:
                 ema = predict_split(dataset_dir, str(run_dir / "models" / "checkpoint.pt"), overrides,
                                     weights="ema_model")  # fmt: skip
@@ -567,8 +626,6 @@ def ensemble(dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: i
         image_size: network input size.
         draws: augmented draws per validation image.
     """
-    from scripts.metrics import classification_metrics
-
     overrides = {"image_size": [image_size, image_size]}
     members = [predict_split(dataset_dir, ckpt, overrides, "validation") for ckpt in ckpts]
     mean = {**members[0], **{key: np.mean([m[key] for m in members], axis=0) for key in ("seg", "cls")}}
@@ -576,13 +633,7 @@ def ensemble(dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: i
     names = [Path(c).as_posix() for c in ckpts] + ["ensemble"]
     result = {}
     for name, out, probs in zip(names, members + [mean], list(aug_probs) + [aug_probs.mean(0)]):
-        clean = score(out)
-        clean["score"] = (clean["dice"] + clean["macro_f1"]) / 2
-        result[name] = {
-            "validation": clean,
-            "augmented_benign_malignant_auc": malignant_operating_point(probs, aug_labels)["benign_malignant_auc"],
-            "augmented_macro_auc": classification_metrics(probs, None, aug_labels)["macro_auc"],
-        }
+        result[name] = {"validation": score(out), **augmented_scores(probs, aug_labels)}
         print(name, json.dumps({k: v if isinstance(v, float) else {m: round(x, 4) for m, x in v.items()}
                                 for k, v in result[name].items()}), flush=True)
     return result

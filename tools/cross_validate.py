@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import fire
 import numpy as np
-from ablate import BUNDLE, REPO, _train_command, augmented_class_probs, malignant_operating_point, predict_split, score
+from ablate import BUNDLE, TrainingPool, augmented_class_probs, augmented_scores, predict_split, score
 from prepare_datalist import split_groups
 
 DATALIST = BUNDLE / "configs" / "datalist_Dataset_BUSI_with_GT.json"
@@ -105,7 +102,8 @@ def folds(out: str = "runs/cv", folds: int = 3, seed: int = 0, datalist: str = s
 
 
 def _epochs_done(log: Path) -> int:
-    return len(EPOCH_DONE.findall(log.read_text(errors="replace"))) if log.is_file() else 0
+    # a resumed run's log repeats the epochs after its last checkpoint: count each epoch once
+    return len(set(EPOCH_DONE.findall(log.read_text(errors="replace")))) if log.is_file() else 0
 
 
 def best_val_score(run_dir: Path) -> float:
@@ -152,34 +150,22 @@ def train(
     jobs = [(f, seed, run_dir) for f, seed, run_dir in _runs(out, seeds) if wanted is None or f in wanted]
     jobs = [job for job in jobs if not (job[2] / "finished").is_file()]
     max_epochs = int((extra or {}).get("max_epochs", 80))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    start, running, reference = time.perf_counter(), [], None
-    while jobs or running:
-        while jobs and len(running) < parallel:
+    pool, fold_seed, reference = TrainingPool(dataset_dir, parallel, threads), {}, None
+    while jobs or pool.running:
+        while jobs and pool.has_room():
             fold, seed, run_dir = jobs.pop(0)
-            run_dir.mkdir(parents=True, exist_ok=True)
             overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
             resume = (run_dir / "models" / "checkpoint.pt").is_file()  # an interrupted run goes on where it stopped
             if resume:
                 overrides["resume"] = True
-            log = open(run_dir / "train.log", "a" if resume else "w")
-            process = subprocess.Popen(_train_command(dataset_dir, run_dir, overrides, seed), stdout=log,
-                                       stderr=subprocess.STDOUT, env=env, cwd=REPO)  # fmt: skip
-            running.append((process, fold, seed, run_dir, log))
-            print(f"{time.perf_counter() - start:6.0f} s started {run_dir.name}", flush=True)
-        time.sleep(5)
-        for job in list(running):
-            process, fold, seed, run_dir, log = job
-            if process.poll() is not None:
-                running.remove(job)
-                log.close()
-                if process.returncode == 0:
-                    (run_dir / "finished").touch()
-                status = "done" if process.returncode == 0 else f"FAILED ({process.returncode})"
-                print(f"{time.perf_counter() - start:6.0f} s {run_dir.name} {status}", flush=True)
-        if deadline_s is None or not running or jobs:
+            pool.start(run_dir, overrides, seed, append_log=resume)
+            fold_seed[run_dir] = (fold, seed)
+        for run_dir, returncode, _ in pool.wait():
+            if returncode == 0:
+                (run_dir / "finished").touch()
+        if deadline_s is None or not pool.running or jobs:
             continue
-        elapsed, done = time.perf_counter() - start, min(_epochs_done(job[3] / "train.log") for job in running)
+        elapsed, done = pool.elapsed(), min(_epochs_done(run_dir / "train.log") for run_dir in pool.running)
         if done < 1:
             continue
         if reference is None:
@@ -188,18 +174,18 @@ def train(
             continue
         projected = elapsed + (max_epochs - done) * (elapsed - reference[0]) / (done - reference[1])
         reference = (elapsed, done)
-        seeds_running = sorted({job[2] for job in running})
-        folds_running = sorted({job[1] for job in running})
         if projected <= deadline_s:
             continue
+        folds_running = sorted({fold_seed[run_dir][0] for run_dir in pool.running})
+        seeds_running = sorted({fold_seed[run_dir][1] for run_dir in pool.running})
         if len(seeds_running) > min_seeds:
-            stop, what = [job for job in running if job[2] == seeds_running[-1]], f"seed {seeds_running[-1]}"
+            stop, what = [d for d in pool.running if fold_seed[d][1] == seeds_running[-1]], f"seed {seeds_running[-1]}"
         elif len(folds_running) > min_folds:
-            stop, what = [job for job in running if job[1] == folds_running[-1]], f"fold {folds_running[-1]}"
+            stop, what = [d for d in pool.running if fold_seed[d][0] == folds_running[-1]], f"fold {folds_running[-1]}"
         else:
             continue
-        for job in stop:
-            job[0].terminate()
+        for run_dir in stop:
+            pool.stop(run_dir)
         reference = None
         print(f"{elapsed:6.0f} s: {done} epochs done, projected {projected:.0f} s > {deadline_s:.0f} s: {what} "
               "stopped", flush=True)
@@ -246,13 +232,7 @@ def predict(
 
 
 def _scores(cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.ndarray, aug_label: np.ndarray) -> dict:
-    from scripts.metrics import classification_metrics
-
-    result = score({"cls": cls, "seg": seg, "label": label})
-    result["score"] = (result["dice"] + result["macro_f1"]) / 2
-    result["augmented_benign_malignant_auc"] = malignant_operating_point(aug_cls, aug_label)["benign_malignant_auc"]
-    result["augmented_macro_auc"] = classification_metrics(aug_cls, None, aug_label)["macro_auc"]
-    return result
+    return {**score({"cls": cls, "seg": seg, "label": label}), **augmented_scores(aug_cls, aug_label)}
 
 
 def ensemble_against_selected(data: dict, members: int = 3) -> dict[str, float]:
