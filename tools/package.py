@@ -7,7 +7,7 @@ The archive holds one top folder, ``breast_ultrasound_segmentation_classificatio
     scripts/   the Python modules the configs name and the modules they import (checked by importing them)
     docs/      README.md (model card), data_license.txt
     LICENSE
-    large_files.yml   only when a file is larger than ``large_file_limit_mb``
+    large_files.yml   only with ``--large_files_url``, when a file is larger than ``large_file_limit_mb``
 
 Nothing is written into the bundle folder: the files are staged in a temporary copy, the exports are made there
 with the stock ``python -m monai.bundle ckpt_export`` / ``onnx_export`` commands, then zipped with fixed
@@ -19,6 +19,7 @@ Command line (from the repository root)::
 
     python tools/package.py --output_dir dist
     python tools/package.py --output_dir dist --keep_datalists "['datalist_Dataset_BUSI_with_GT.json']"
+    python tools/package.py --output_dir dist --large_files_url <base URL> --exclude_large_files   # Model Zoo
 """
 
 from __future__ import annotations
@@ -152,22 +153,27 @@ def write_large_files_list(stage: Path, limit_mb: float, url: str | None, exclud
     Args:
         stage: staged bundle folder.
         limit_mb: size limit in MB (10**6 bytes).
-        url: base URL under which each large file is published as ``<url>/<relative path>``.
+        url: base URL under which each large file is published as ``<url>/<relative path>``; without one the large
+            files stay in the archive, unlisted (a complete archive that the Model Zoo repository would not take).
         exclude: remove the large files from the staged folder (users fetch them with
             ``python -m monai.bundle download_large_files``); otherwise they stay in the archive too.
 
     Returns:
-        The relative paths of the large files.
+        The relative paths of the listed files.
 
     Raises:
-        ValueError: when there are large files but no ``url``.
+        ValueError: when large files are to be excluded but there is no ``url`` to fetch them from.
     """
     large = sorted(p for p in stage.rglob("*") if p.is_file() and p.stat().st_size > limit_mb * 1e6)
     if not large:
         return []
     if not url:
         names = [p.relative_to(stage).as_posix() for p in large]
-        raise ValueError(f"{names} exceed {limit_mb} MB: publish them and give --large_files_url.")
+        if exclude:
+            raise ValueError(f"{names} exceed {limit_mb} MB: publish them and give --large_files_url.")
+        print(f"{names} exceed {limit_mb} MB and stay in the archive; for the Model Zoo repository publish them and "
+              "give --large_files_url and --exclude_large_files.", file=sys.stderr)
+        return []
     lines = ["large_files:"]
     for path in large:
         relative = path.relative_to(stage).as_posix()
@@ -262,8 +268,9 @@ def package(
         name: bundle name, the archive's top folder.
         export: export TorchScript and ONNX from models/model.pt with the stock MONAI commands.
         keep_datalists: ``configs/datalist_*.json`` names to ship, e.g. the BUSI split (file names only).
-        large_file_limit_mb: files above this size are listed in ``large_files.yml`` with their md5.
-        large_files_url: base URL where large files are published (needed when there are any).
+        large_file_limit_mb: with ``large_files_url``, files above this size are listed in ``large_files.yml``.
+        large_files_url: base URL where large files are published (the Model Zoo repository needs it when there are
+            any); without it they stay in the archive, unlisted.
         exclude_large_files: leave large files out of the archive (Model Zoo repository layout).
 
     Returns:
