@@ -136,3 +136,38 @@ def test_epochs_done_counts_an_epoch_repeated_after_a_resume_once(cross_validate
     line = "SupervisedTrainer - INFO - Epoch[{}] Complete. Time taken: 1\n"
     log.write_text("".join(line.format(e) for e in (1, 2, 3, 2, 3, 4)))
     assert cross_validate._epochs_done(log) == 4
+
+
+def _malignancy_file(path, p_malignant: list[float], classes: list[int], augmented_shift: float = 0.0) -> None:
+    """One seed's probabilities with the given ``p(malignant)`` (the rest split over normal and benign); the
+    augmented draws are the same images with ``p(malignant)`` lowered by ``augmented_shift``."""
+
+    def probs(p):
+        p = np.asarray(p, dtype=np.float64)
+        return np.stack([(1 - p) / 2, (1 - p) / 2, p], axis=1)[None]
+
+    label = np.zeros((len(classes), 2, 2), dtype=np.uint8)
+    label[:, 0, 0] = classes
+    shifted = np.asarray(p_malignant) - augmented_shift
+    np.savez(path, cls=probs(p_malignant), seg=np.zeros((1, *label.shape), np.uint8), label=label,
+             augmented_cls=probs(shifted), augmented_label=np.array(classes), val_score=np.array([0.7]),
+             seeds=np.array([0]), epochs=np.array([80]))  # fmt: skip
+
+
+def test_thresholds_chosen_on_validation_are_scored_on_the_held_out_fold(cross_validate, tmp_path):
+    cancers = [k / 20 for k in range(11, 21)]  # validation p(malignant) 0.55 ... 1.0: the 0.9-recall point is 0.6
+    _malignancy_file(tmp_path / "validation_fold0.npz", cancers + [0.1] * 10, [2] * 10 + [1] * 10, augmented_shift=0.3)
+    held_out = [k / 20 for k in range(4, 14)]  # held-out cancers score lower: 0.2 ... 0.65
+    _malignancy_file(tmp_path / "predictions_fold0.npz", held_out + [0.1, 0.4], [2] * 10 + [1, 1])
+    result = cross_validate.thresholds(out=str(tmp_path))
+    on_validation = result["validation"]["fold0"]
+    assert on_validation["threshold"] == pytest.approx(0.6) and on_validation["chosen_on_recall"] == 0.9
+    assert on_validation["held_out_recall"] == pytest.approx(0.2) and on_validation["held_out_specificity"] == 1.0
+    on_augmented = result["augmented_validation"]["fold0"]  # validation cancers lowered by 0.3: threshold 0.3
+    assert on_augmented["threshold"] == pytest.approx(0.3)
+    assert on_augmented["held_out_recall"] == pytest.approx(0.8) and on_augmented["held_out_specificity"] == 0.5
+    assert result["validation_and_augmented"]["fold0"]["threshold"] == pytest.approx(0.35)
+    assert result["validation"]["mean"]["held_out_recall"] == pytest.approx(0.2)
+    (tmp_path / "validation_fold0.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="--split validation"):
+        cross_validate.thresholds(out=str(tmp_path))

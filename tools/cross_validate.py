@@ -13,6 +13,8 @@ whatever it picked. This tool makes fresh held-out data from the training split 
    ``predictions_fold{k}.npz`` with each run's best validation score.
 4. ``report``: per fold and pooled over the folds, each seed, the seed that validation would ship (best validation
    score) and the ensemble of the fold's seeds (mean probabilities), scored with ``ablate.score``.
+5. ``thresholds`` (after ``predict --split validation``): whether a malignant threshold chosen on the validation
+   split, as ``tools/calibrate.py`` chooses it, or on its augmented draws keeps its recall on the held-out folds.
 
 Usage::
 
@@ -21,6 +23,8 @@ Usage::
     python tools/cross_validate.py train --dataset_dir <BUSI> --out runs/cv --seeds 3 --parallel 9
     python tools/cross_validate.py predict --dataset_dir <BUSI> --out runs/cv --device cuda
     python tools/cross_validate.py report --out runs/cv
+    python tools/cross_validate.py predict --dataset_dir <BUSI> --out runs/cv --device cuda --split validation
+    python tools/cross_validate.py thresholds --out runs/cv
 """
 
 from __future__ import annotations
@@ -33,7 +37,16 @@ from pathlib import Path
 
 import fire
 import numpy as np
-from ablate import BUNDLE, TrainingPool, augmented_class_probs, augmented_scores, predict_split, score
+from ablate import (
+    BUNDLE,
+    TrainingPool,
+    augmented_class_probs,
+    augmented_scores,
+    malignant_operating_point,
+    predict_split,
+    rates_at_threshold,
+    score,
+)
 from prepare_datalist import split_groups
 
 DATALIST = BUNDLE / "configs" / "datalist_Dataset_BUSI_with_GT.json"
@@ -199,14 +212,18 @@ def predict(
     device: str = "cpu",
     extra: dict | None = None,
     fold: int | None = None,
+    split: str = "test",
 ) -> None:
     """Predict each fold's held-out images (only fold ``fold`` if given) with the best checkpoint of each of its
-    finished seeds.
+    finished seeds; with ``split="validation"``, the validation images instead (what the fold's models chose their
+    checkpoints and would choose a threshold on).
 
-    Saves ``predictions_fold{k}.npz``: ``cls`` ``(S, N, 3)``, ``seg`` lesion probabilities ``(S, N, H, W)`` as
-    uint8 (x 255), ``label`` ``(N, H, W)``, ``augmented_cls`` ``(S, draws * N, 3)`` with ``augmented_label``,
-    ``val_score`` ``(S,)`` and ``seeds``.
+    Saves ``predictions_fold{k}.npz`` (``validation_fold{k}.npz`` for the validation split): ``cls`` ``(S, N, 3)``,
+    ``seg`` lesion probabilities ``(S, N, H, W)`` as uint8 (x 255), ``label`` ``(N, H, W)``, ``augmented_cls``
+    ``(S, draws * N, 3)`` with ``augmented_label``, ``val_score`` ``(S,)`` and ``seeds``.
     """
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' (the held-out fold) or 'validation', got {split!r}.")
     by_fold: dict[int, list[tuple[int, Path]]] = {}
     for run_fold, seed, run_dir in _runs(out, seeds):
         if (run_dir / "finished").is_file() and fold in (None, run_fold):
@@ -214,9 +231,9 @@ def predict(
     for fold, runs in sorted(by_fold.items()):
         overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
         ckpts = [str(run_dir / "models" / "model.pt") for _, run_dir in runs]
-        outputs = [predict_split(dataset_dir, ckpt, overrides, "test", device=device) for ckpt in ckpts]
-        aug_cls, aug_label = augmented_class_probs(dataset_dir, ckpts, overrides, draws, split="test", device=device)
-        path = Path(out) / f"predictions_fold{fold}.npz"
+        outputs = [predict_split(dataset_dir, ckpt, overrides, split, device=device) for ckpt in ckpts]
+        aug_cls, aug_label = augmented_class_probs(dataset_dir, ckpts, overrides, draws, split=split, device=device)
+        path = Path(out) / (f"predictions_fold{fold}.npz" if split == "test" else f"validation_fold{fold}.npz")
         np.savez_compressed(
             path,
             cls=np.stack([o["cls"] for o in outputs]),
@@ -228,7 +245,7 @@ def predict(
             seeds=np.array([seed for seed, _ in runs]),
             epochs=np.array([_epochs_done(run_dir / "train.log") for _, run_dir in runs]),
         )
-        print(f"saved {path}: seeds {[s for s, _ in runs]}, {len(outputs[0]['cls'])} held-out images", flush=True)
+        print(f"saved {path}: seeds {[s for s, _ in runs]}, {len(outputs[0]['cls'])} {split} images", flush=True)
 
 
 def _scores(cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.ndarray, aug_label: np.ndarray) -> dict:
@@ -304,6 +321,62 @@ def report(out: str = "runs/cv", members: int = 3) -> str:
     return "\n".join(lines)
 
 
+THRESHOLD_RULES = ("validation", "augmented_validation", "validation_and_augmented")
+
+
+def _classes(label_maps: np.ndarray) -> np.ndarray:
+    return label_maps.reshape(len(label_maps), -1).max(axis=1)
+
+
+def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
+    """Does a malignant threshold chosen on validation keep its recall on images no selection has seen?
+
+    For each fold, the ensemble of its seeds (mean probabilities, no temperature) gets a ``p(malignant)`` threshold
+    from each rule of ``THRESHOLD_RULES`` (the highest that reaches ``sensitivity`` malignant recall on the
+    validation images, on their augmented draws, or on both together; ``ablate.malignant_operating_point``), and is
+    scored at it on the fold's held-out images, as they are and under their augmented draws. Saved as
+    ``thresholds.json``.
+
+    Returns:
+        per rule: per fold and averaged over the folds, the threshold, the validation recall, and the held-out
+        malignant recall and benign specificity (clean and augmented).
+    """
+    result: dict[str, dict] = {rule: {} for rule in THRESHOLD_RULES}
+    for held_out_path in sorted(Path(out).glob("predictions_fold*.npz")):
+        fold = held_out_path.stem[len("predictions_") :]
+        validation_path = Path(out) / f"validation_{fold}.npz"
+        if not validation_path.is_file():
+            raise FileNotFoundError(f"{validation_path} is missing: run 'predict --split validation' first")
+        held_out, validation = dict(np.load(held_out_path)), dict(np.load(validation_path))
+        val_probs, val_labels = validation["cls"].mean(0), _classes(validation["label"])
+        aug_probs, aug_labels = validation["augmented_cls"].mean(0), validation["augmented_label"]
+        choices = {
+            "validation": (val_probs, val_labels),
+            "augmented_validation": (aug_probs, aug_labels),
+            "validation_and_augmented": (np.concatenate([val_probs, aug_probs]), np.r_[val_labels, aug_labels]),
+        }
+        for rule, (probs, labels) in choices.items():
+            chosen = malignant_operating_point(probs, labels, sensitivity)
+            clean = rates_at_threshold(held_out["cls"].mean(0), _classes(held_out["label"]), chosen["threshold"])
+            augmented = rates_at_threshold(held_out["augmented_cls"].mean(0), held_out["augmented_label"],
+                                           chosen["threshold"])  # fmt: skip
+            result[rule][fold] = {
+                "threshold": chosen["threshold"],
+                "chosen_on_recall": chosen["sensitivity"],
+                "held_out_recall": clean["sensitivity"],
+                "held_out_specificity": clean["specificity"],
+                "held_out_augmented_recall": augmented["sensitivity"],
+                "held_out_augmented_specificity": augmented["specificity"],
+            }
+    for rule, folds in result.items():
+        if folds:
+            keys = next(iter(folds.values()))
+            folds["mean"] = {key: float(np.mean([f[key] for f in folds.values()])) for key in keys}
+    (Path(out) / "thresholds.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE))
-    fire.Fire({"downscale": downscale, "folds": folds, "train": train, "predict": predict, "report": report})
+    fire.Fire({"downscale": downscale, "folds": folds, "train": train, "predict": predict, "report": report,
+               "thresholds": thresholds})

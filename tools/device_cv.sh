@@ -11,9 +11,11 @@
 # Then run `bash tools/device_cv.sh` there with .busi and .whl carried; results land in $OUT.
 #
 # Measured on one H200 machine with 16 cores (2026-12-04): 6 trainings at once take about 4.0 s an epoch each, 12 at
-# once about 7.2 s; 80 epochs of 6 runs need about 350 s. The defaults train folds 0 and 1 with seeds 0-2.
-SEEDS=${SEEDS:-3}; FOLDS=${FOLDS:-[0,1]}; PARALLEL=${PARALLEL:-6}; TRAIN_LIMIT=${TRAIN_LIMIT:-400}
-PREDICT_LIMIT=${PREDICT_LIMIT:-110}; SMOKE=${SMOKE:-1}; PY=${PY:-python3}
+# once about 7.2 s. Session 15 (2026-12-04): 6 runs of 80 epochs took 385-390 s, the held-out predictions about
+# 105 s. The defaults train folds 0 and 1 with seeds 0-2, then predict each fold's held-out images and the validation
+# split (for `cross_validate.py thresholds`) side by side; run it with SMOKE=0 when the command limit is tight.
+SEEDS=${SEEDS:-3}; FOLDS=${FOLDS:-[0,1]}; PARALLEL=${PARALLEL:-6}; TRAIN_LIMIT=${TRAIN_LIMIT:-410}
+PREDICT_LIMIT=${PREDICT_LIMIT:-120}; SMOKE=${SMOKE:-1}; PY=${PY:-python3}
 D=${DATA:-.busi/Dataset_BUSI_with_GT}; R=${R:-/tmp/cv}; OUT=${OUT:-runs/device_cv}
 mkdir -p "$OUT" && OUT=$(realpath "$OUT")
 if ! $PY -c "import monai, ignite, fire" 2>/dev/null; then
@@ -42,12 +44,16 @@ fi
 timeout "$TRAIN_LIMIT" $PY tools/cross_validate.py train --dataset_dir "$D" --out "$R" --seeds "$SEEDS" \
   --parallel "$PARALLEL" --fold "$FOLDS" --extra "{\"amp\": false$EXTRA}" 2>&1 | log
 pkill -f -- "--ckpt_dir $R/"; sleep 2  # this call's runs only: other trainings on the machine go on; date -u | log
-for f in 0 1 2; do
-  OMP_NUM_THREADS=4 timeout "$PREDICT_LIMIT" $PY tools/cross_validate.py predict --dataset_dir "$D" --out "$R" \
-    --seeds "$SEEDS" --draws 4 --device "$DEVICE" --extra "{\"amp\": false$EXTRA}" --fold $f > "$R/predict$f.log" 2>&1 &
+for f in $(echo "$FOLDS" | tr -d '[] ' | tr ',' ' '); do  # held-out fold and validation split side by side
+  for split in test validation; do
+    OMP_NUM_THREADS=4 timeout "$PREDICT_LIMIT" $PY tools/cross_validate.py predict --dataset_dir "$D" --out "$R" \
+      --seeds "$SEEDS" --draws 4 --device "$DEVICE" --extra "{\"amp\": false$EXTRA}" --fold $f --split $split \
+      > "$R/predict${f}_$split.log" 2>&1 &
+  done
 done
 wait
 (tail -n 5 "$R"/predict*.log; date -u) 2>&1 | log
-cp "$R"/predictions_fold*.npz "$OUT"/
+cp "$R"/predictions_fold*.npz "$R"/validation_fold*.npz "$OUT"/
 (cd "$R" && tar czf "$OUT/logs.tar.gz" fold*.json fold*_seed*/train.log fold*_seed*/overrides.json predict*.log)
 $PY tools/cross_validate.py report --out "$R" 2>&1 | log
+$PY tools/cross_validate.py thresholds --out "$R" 2>&1 | log
