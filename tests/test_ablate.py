@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, TINY_NETWORK, tiny_model_file
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +128,16 @@ def test_malignant_operating_point(ablate):
     # the threshold-free scores do not depend on the threshold: all 5 cancers need 0.1, below which 1 benign stays
     assert scores["benign_malignant_auc"] == pytest.approx(14 / 20)
     assert scores["specificity_at_0.9_recall"] == pytest.approx(0.25)
+
+
+def test_checkpoints_predicted_together_match_each_predicted_alone(
+    ablate, synthetic_dataset, synthetic_datalist, tmp_path
+):
+    ckpts = [str(tiny_model_file(tmp_path / f"seed{seed}" / "model.pt", seed)) for seed in (0, 1)]
+    overrides = {**TINY_NETWORK, "amp": False, "datalist": str(synthetic_datalist)}
+    together = ablate.predict_split_checkpoints(str(synthetic_dataset), ckpts, overrides, "validation", tta=True)
+    for ckpt, shared in zip(ckpts, together):
+        alone = ablate.predict_split(str(synthetic_dataset), ckpt, overrides, "validation", tta=True)
+        for key in ("seg", "cls", "label", "views_seg", "views_logits", "embedding"):
+            np.testing.assert_array_equal(shared[key], alone[key], err_msg=key)
+    assert not np.array_equal(together[0]["cls"], together[1]["cls"]), "each checkpoint keeps its own outputs"

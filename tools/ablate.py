@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Sequence
 
 import fire
 import numpy as np
@@ -170,7 +170,6 @@ def load_network(parser, ckpt: str, weights: str = "model") -> torch.nn.Module:
     return network
 
 
-@torch.no_grad()
 def predict_split(
     dataset_dir: str,
     ckpt: str,
@@ -196,42 +195,70 @@ def predict_split(
         ``(N, H, W)``; per view (``V`` = 2 with ``tta``, else 1): ``views_seg`` ``(V, N, H, W)``, ``views_logits``
         class log-probabilities ``(V, N, 3)``; ``embedding`` pooled bottleneck of the unflipped image ``(N, D)``.
     """
+    return predict_split_checkpoints(dataset_dir, [ckpt], overrides, split, tta, weights, device)[0]
+
+
+@torch.no_grad()
+def predict_split_checkpoints(
+    dataset_dir: str,
+    ckpts: Sequence[str],
+    overrides: dict,
+    split: str = "validation",
+    tta: bool = False,
+    weights: str = "model",
+    device: str = "cpu",
+) -> list[dict[str, np.ndarray]]:
+    """:func:`predict_split` of several checkpoints of one ``network_def`` (e.g. seeds), preprocessing each image
+    once for all of them.
+
+    Returns:
+        one :func:`predict_split` result per checkpoint, in the order of ``ckpts``.
+    """
     parser = _parser(dataset_dir, {**overrides, "validate#split": split})
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     items = parser.get_parsed_content("validate#datalist")()
-    network = load_network(parser, ckpt, weights)
-    network.eval().to(device, memory_format=torch.channels_last)
-    network.return_embedding = True
+    networks = []
+    for ckpt in ckpts:
+        network = load_network(parser, ckpt, weights)
+        network.eval().to(device, memory_format=torch.channels_last)
+        network.return_embedding = True
+        networks.append(network)
     device_type = torch.device(device).type
     autocast = resolve_amp(parser["amp"], device_type)
-    views_seg, views_logits, embeddings, labels = [], [], [], []
+    per_network = [{"seg": [], "logits": [], "embedding": []} for _ in networks]
+    labels = []
     for start in range(0, len(items), 16):
         batch = [preprocessing(item) for item in items[start : start + 16]]
         images = torch.stack([b["image"].as_tensor() for b in batch]).to(device)
         images = images.contiguous(memory_format=torch.channels_last)
         views = [images, images.flip(2)] if tta else [images]
-        seg, logits = [], []
-        for index, view in enumerate(views):
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-                out = network(view)
-            seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0].cpu()
-            seg.append(seg_prob.flip(1) if index == 1 else seg_prob)
-            logits.append(torch.log_softmax(out["cls"].float(), dim=1).cpu())
-            if index == 0:
-                embeddings.append(out["embedding"].float().cpu())
-        views_seg.append(torch.stack(seg))
-        views_logits.append(torch.stack(logits))
         labels += [b["label"].as_tensor()[0] for b in batch]
-    seg_all, logits_all = torch.cat(views_seg, dim=1), torch.cat(views_logits, dim=1)
-    return {
-        "seg": seg_all.mean(0).numpy(),
-        "cls": logits_all.exp().mean(0).numpy(),
-        "label": torch.stack(labels).numpy(),
-        "views_seg": seg_all.numpy(),
-        "views_logits": logits_all.numpy(),
-        "embedding": torch.cat(embeddings).numpy(),
-        "images": [str(item["image"]) for item in items],
-    }
+        for network, collected in zip(networks, per_network):
+            seg, logits = [], []
+            for index, view in enumerate(views):
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+                    out = network(view)
+                seg_prob = 1.0 - torch.softmax(out["pred"].float(), dim=1)[:, 0].cpu()
+                seg.append(seg_prob.flip(1) if index == 1 else seg_prob)
+                logits.append(torch.log_softmax(out["cls"].float(), dim=1).cpu())
+                if index == 0:
+                    collected["embedding"].append(out["embedding"].float().cpu())
+            collected["seg"].append(torch.stack(seg))
+            collected["logits"].append(torch.stack(logits))
+    label_maps = torch.stack(labels).numpy()
+    results = []
+    for collected in per_network:
+        seg_all, logits_all = torch.cat(collected["seg"], dim=1), torch.cat(collected["logits"], dim=1)
+        results.append({
+            "seg": seg_all.mean(0).numpy(),
+            "cls": logits_all.exp().mean(0).numpy(),
+            "label": label_maps,
+            "views_seg": seg_all.numpy(),
+            "views_logits": logits_all.numpy(),
+            "embedding": torch.cat(collected["embedding"]).numpy(),
+            "images": [str(item["image"]) for item in items],
+        })  # fmt: skip
+    return results
 
 
 def score(

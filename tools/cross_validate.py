@@ -43,7 +43,7 @@ from ablate import (
     augmented_class_probs,
     augmented_scores,
     malignant_operating_point,
-    predict_split,
+    predict_split_checkpoints,
     rates_at_threshold,
     score,
 )
@@ -231,7 +231,7 @@ def predict(
     for fold, runs in sorted(by_fold.items()):
         overrides = {**(extra or {}), "datalist": str((Path(out) / f"fold{fold}.json").resolve())}
         ckpts = [str(run_dir / "models" / "model.pt") for _, run_dir in runs]
-        outputs = [predict_split(dataset_dir, ckpt, overrides, split, device=device) for ckpt in ckpts]
+        outputs = predict_split_checkpoints(dataset_dir, ckpts, overrides, split, device=device)
         aug_cls, aug_label = augmented_class_probs(dataset_dir, ckpts, overrides, draws, split=split, device=device)
         path = Path(out) / (f"predictions_fold{fold}.npz" if split == "test" else f"validation_fold{fold}.npz")
         np.savez_compressed(
