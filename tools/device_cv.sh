@@ -1,6 +1,7 @@
 #!/bin/bash
-# Cross-validation of the seed ensemble (weights/README.md, session 14) in one call on a GPU machine that has PyTorch
-# but not the bundle's other packages, and whose working-tree transfer is limited to 64 MiB.
+# Cross-validation of the seed ensemble (weights/README.md, session 14) and of the malignant threshold rule (session 15)
+# in one call on a GPU machine that has PyTorch but not the bundle's other packages, and whose working-tree transfer
+# is limited to 64 MiB.
 #
 # Prepare, from the repository root, in ignored folders (.busi/ and .whl/ in .git/info/exclude):
 #   python tools/cross_validate.py downscale --dataset_dir <BUSI> --out .busi/Dataset_BUSI_with_GT     # 30 MB
