@@ -261,6 +261,11 @@ def predict_split_checkpoints(
     return results
 
 
+def image_classes(label_maps: np.ndarray) -> np.ndarray:
+    """The image class of each label map ``(N, H, W)``: its highest label (0 normal, 1 benign, 2 malignant)."""
+    return label_maps.reshape(len(label_maps), -1).max(axis=1)
+
+
 def score(
     outputs: dict[str, np.ndarray],
     normal_threshold: float | None = None,
@@ -283,7 +288,7 @@ def score(
     lesion = outputs["seg"] > lesion_threshold
     label = outputs["label"]
     probs = outputs["cls"]
-    labels = label.reshape(len(label), -1).max(axis=1)
+    labels = image_classes(label)
     preds = np.array([decide_class(torch.as_tensor(p), normal_threshold, malignant_threshold) for p in probs])
     shipped = lesion & (preds != 0)[:, None, None]
     has = labels > 0
@@ -598,7 +603,7 @@ def operating_point(
     """
     extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size], **extra}, split)
-    labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
+    labels = image_classes(outputs["label"])
     result = malignant_operating_point(outputs["cls"], labels, sensitivity)
     if threshold is not None:
         result.update(threshold=threshold, **rates_at_threshold(outputs["cls"], labels, threshold))

@@ -130,7 +130,7 @@ def image_errors(outputs: dict, temperature: float, malignant_threshold: float |
     from scripts.transforms import decide_class
 
     probs = softmax(outputs["views_logits"][0], temperature)
-    labels = outputs["label"].reshape(len(outputs["label"]), -1).max(axis=1)
+    labels = ablate.image_classes(outputs["label"])
     predicted = np.array([decide_class(torch.as_tensor(p), None, malignant_threshold) for p in probs])
     shipped = (outputs["views_seg"][0] > 0.5) & (predicted != 0)[:, None, None]
     dice = np.array([lesion_dice_iou(p, y)[0] if y.any() else np.nan for p, y in zip(shipped, outputs["label"])])
@@ -350,8 +350,7 @@ def main(
     splits = {split: ablate.predict_split(dataset_dir, ckpt, overrides, split, tta=True)
               for split in ("training", "validation", "test")}  # fmt: skip
     val, test = splits["validation"], splits["test"]
-    val_labels = val["label"].reshape(len(val["label"]), -1).max(axis=1)
-    test_labels = test["label"].reshape(len(test["label"]), -1).max(axis=1)
+    val_labels, test_labels = ablate.image_classes(val["label"]), ablate.image_classes(test["label"])
     augmented = augmented_predictions(dataset_dir, ckpt, overrides)
     augmented["label"] = np.tile(val_labels, len(augmented["log_probs"]) // len(val_labels))
     # fitted on validation as it is and under scanner-like augmentation: other scanners make the model less

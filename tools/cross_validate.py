@@ -42,6 +42,7 @@ from ablate import (
     TrainingPool,
     augmented_class_probs,
     augmented_scores,
+    image_classes,
     malignant_operating_point,
     predict_split_checkpoints,
     rates_at_threshold,
@@ -321,19 +322,13 @@ def report(out: str = "runs/cv", members: int = 3) -> str:
     return "\n".join(lines)
 
 
-THRESHOLD_RULES = ("validation", "augmented_validation", "validation_and_augmented")
-
-
-def _classes(label_maps: np.ndarray) -> np.ndarray:
-    return label_maps.reshape(len(label_maps), -1).max(axis=1)
-
-
 def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
     """Does a malignant threshold chosen on validation keep its recall on images no selection has seen?
 
     For each fold, the ensemble of its seeds (mean probabilities, no temperature) gets a ``p(malignant)`` threshold
-    from each rule of ``THRESHOLD_RULES`` (the highest that reaches ``sensitivity`` malignant recall on the
-    validation images, on their augmented draws, or on both together; ``ablate.malignant_operating_point``), and is
+    from each rule (``validation``, ``augmented_validation``, ``validation_and_augmented``: the highest that reaches
+    ``sensitivity`` malignant recall on the validation images, on their augmented draws, or on both together;
+    ``ablate.malignant_operating_point``), and is
     scored at it on the fold's held-out images, as they are and under their augmented draws. Saved as
     ``thresholds.json``.
 
@@ -341,15 +336,17 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
         per rule: per fold and averaged over the folds, the threshold, the validation recall, and the held-out
         malignant recall and benign specificity (clean and augmented).
     """
-    result: dict[str, dict] = {rule: {} for rule in THRESHOLD_RULES}
+    result: dict[str, dict] = {}
     for held_out_path in sorted(Path(out).glob("predictions_fold*.npz")):
         fold = held_out_path.stem[len("predictions_") :]
         validation_path = Path(out) / f"validation_{fold}.npz"
         if not validation_path.is_file():
             raise FileNotFoundError(f"{validation_path} is missing: run 'predict --split validation' first")
         held_out, validation = dict(np.load(held_out_path)), dict(np.load(validation_path))
-        val_probs, val_labels = validation["cls"].mean(0), _classes(validation["label"])
+        val_probs, val_labels = validation["cls"].mean(0), image_classes(validation["label"])
         aug_probs, aug_labels = validation["augmented_cls"].mean(0), validation["augmented_label"]
+        held_out_probs, held_out_labels = held_out["cls"].mean(0), image_classes(held_out["label"])
+        held_out_aug_probs, held_out_aug_labels = held_out["augmented_cls"].mean(0), held_out["augmented_label"]
         choices = {
             "validation": (val_probs, val_labels),
             "augmented_validation": (aug_probs, aug_labels),
@@ -357,10 +354,9 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
         }
         for rule, (probs, labels) in choices.items():
             chosen = malignant_operating_point(probs, labels, sensitivity)
-            clean = rates_at_threshold(held_out["cls"].mean(0), _classes(held_out["label"]), chosen["threshold"])
-            augmented = rates_at_threshold(held_out["augmented_cls"].mean(0), held_out["augmented_label"],
-                                           chosen["threshold"])  # fmt: skip
-            result[rule][fold] = {
+            clean = rates_at_threshold(held_out_probs, held_out_labels, chosen["threshold"])
+            augmented = rates_at_threshold(held_out_aug_probs, held_out_aug_labels, chosen["threshold"])
+            result.setdefault(rule, {})[fold] = {
                 "threshold": chosen["threshold"],
                 "chosen_on_recall": chosen["sensitivity"],
                 "held_out_recall": clean["sensitivity"],
@@ -368,10 +364,9 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
                 "held_out_augmented_recall": augmented["sensitivity"],
                 "held_out_augmented_specificity": augmented["specificity"],
             }
-    for rule, folds in result.items():
-        if folds:
-            keys = next(iter(folds.values()))
-            folds["mean"] = {key: float(np.mean([f[key] for f in folds.values()])) for key in keys}
+    for folds in result.values():
+        keys = next(iter(folds.values()))
+        folds["mean"] = {key: float(np.mean([f[key] for f in folds.values()])) for key in keys}
     (Path(out) / "thresholds.json").write_text(json.dumps(result, indent=1))
     return result
 
