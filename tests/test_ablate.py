@@ -130,6 +130,19 @@ def test_malignant_operating_point(ablate):
     assert scores["specificity_at_0.9_recall"] == pytest.approx(0.25)
 
 
+def test_threshold_rules_choose_their_images(ablate):
+    probs, labels = np.full((2, 3), 0.3), np.array([1, 2])
+    augmented_probs, augmented_labels = np.full((4, 3), 0.6), np.array([1, 2, 1, 2])
+    args = (probs, labels, augmented_probs, augmented_labels)
+    assert ablate.threshold_images("validation", *args)[0] is probs
+    chosen, classes = ablate.threshold_images("augmented_validation", *args)
+    assert chosen is augmented_probs and classes is augmented_labels
+    both, both_classes = ablate.threshold_images("validation_and_augmented", *args)
+    assert both.shape == (6, 3) and both_classes.tolist() == [1, 2, 1, 2, 1, 2]
+    with pytest.raises(ValueError, match="'test'"):
+        ablate.threshold_images("test", *args)
+
+
 def test_checkpoints_predicted_together_match_each_predicted_alone(
     ablate, synthetic_dataset, synthetic_datalist, tmp_path
 ):

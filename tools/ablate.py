@@ -580,6 +580,35 @@ def malignant_operating_point(probs: np.ndarray, labels: np.ndarray, sensitivity
     }
 
 
+THRESHOLD_RULES = ("validation", "augmented_validation", "validation_and_augmented")
+
+
+def threshold_images(
+    rule: str, probs: np.ndarray, labels: np.ndarray, augmented_probs: np.ndarray, augmented_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images a malignant threshold rule chooses its threshold on (:func:`malignant_operating_point`).
+
+    Args:
+        rule: ``validation`` (the images as they are), ``augmented_validation`` (their draws under the training
+            augmentation) or ``validation_and_augmented`` (both together).
+        probs: class probabilities ``(N, 3)`` of the validation images.
+        labels: their true classes ``(N,)``.
+        augmented_probs: class probabilities ``(M, 3)`` of their augmented draws.
+        augmented_labels: the draws' true classes ``(M,)``.
+
+    Returns:
+        ``(probabilities, classes)`` of the chosen images.
+    """
+    choices = {
+        "validation": (probs, labels),
+        "augmented_validation": (augmented_probs, augmented_labels),
+        "validation_and_augmented": (np.concatenate([probs, augmented_probs]), np.r_[labels, augmented_labels]),
+    }
+    if rule not in choices:
+        raise ValueError(f"unknown threshold rule {rule!r}: expected one of {THRESHOLD_RULES}")
+    return choices[rule]
+
+
 def operating_point(
     dataset_dir: str,
     ckpt: str = str(BUNDLE / "models" / "model.pt"),

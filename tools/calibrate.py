@@ -331,6 +331,7 @@ def main(
     shrinkage: float = 0.3,
     quantile: float = 0.99,
     sensitivity: float = 0.9,
+    threshold_rule: str = "validation",
     write: bool = True,
 ) -> dict:
     """Fit on validation, score on test once, write the statistics, config values and measurements.
@@ -344,6 +345,9 @@ def main(
             each), that stays below the embedding distance threshold.
         sensitivity: malignant recall the malignant decision threshold must reach on validation (calibrated
             probabilities).
+        threshold_rule: the validation images that threshold is chosen on (``ablate.threshold_images``): as they
+            are (``validation``), their augmented draws (``augmented_validation``) or both
+            (``validation_and_augmented``); ``weights/README.md`` says which rule held up on held-out folds.
         write: write the statistics, the configs and the docs (``False``: print only).
     """
     overrides = {"image_size": [image_size, image_size]} if image_size else {}
@@ -376,11 +380,15 @@ def main(
               for split, o in (("validation", val), ("test", test))}  # fmt: skip
     flipped = {split: {"seg": o["seg"], "cls": softmax(o["views_logits"], temperature).mean(axis=0),
                        "label": o["label"]} for split, o in (("validation", val), ("test", test))}  # fmt: skip
-    point = ablate.malignant_operating_point(single["validation"]["cls"], val_labels, sensitivity)
-    malignant_threshold = point["threshold"]
+    augmented_probs = softmax(augmented["log_probs"], temperature)
+    malignant_threshold = ablate.malignant_operating_point(*ablate.threshold_images(
+        threshold_rule, single["validation"]["cls"], val_labels, augmented_probs, augmented["label"]), sensitivity)[
+        "threshold"]  # fmt: skip
+    point = {**ablate.malignant_operating_point(single["validation"]["cls"], val_labels, sensitivity),
+             **ablate.rates_at_threshold(single["validation"]["cls"], val_labels, malignant_threshold)}  # fmt: skip
     test_point = ablate.malignant_operating_point(single["test"]["cls"], test_labels, sensitivity)
     operating_point = {
-        "sensitivity_target": sensitivity, "threshold": malignant_threshold,
+        "sensitivity_target": sensitivity, "threshold_rule": threshold_rule, "threshold": malignant_threshold,
         "validation": {k: point[k] for k in ("sensitivity", "specificity", "benign_malignant_auc")},
         "test": {**ablate.rates_at_threshold(single["test"]["cls"], test_labels, malignant_threshold),
                  "benign_malignant_auc": test_point["benign_malignant_auc"]},
@@ -392,7 +400,7 @@ def main(
     }  # fmt: skip
     operating_point["alternatives"] = sensitivity_alternatives(
         {"validation": single["validation"]["cls"], "test": single["test"]["cls"],
-         "augmented_validation": softmax(augmented["log_probs"], temperature)},
+         "augmented_validation": augmented_probs},
         {"validation": val_labels, "augmented_validation": augmented["label"], "test": test_labels},
     )  # fmt: skip
     uncertainty: dict = {}

@@ -39,6 +39,7 @@ import fire
 import numpy as np
 from ablate import (
     BUNDLE,
+    THRESHOLD_RULES,
     TrainingPool,
     augmented_class_probs,
     augmented_scores,
@@ -47,6 +48,7 @@ from ablate import (
     predict_split_checkpoints,
     rates_at_threshold,
     score,
+    threshold_images,
 )
 from prepare_datalist import split_groups
 
@@ -347,12 +349,8 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
         aug_probs, aug_labels = validation["augmented_cls"].mean(0), validation["augmented_label"]
         held_out_probs, held_out_labels = held_out["cls"].mean(0), image_classes(held_out["label"])
         held_out_aug_probs, held_out_aug_labels = held_out["augmented_cls"].mean(0), held_out["augmented_label"]
-        choices = {
-            "validation": (val_probs, val_labels),
-            "augmented_validation": (aug_probs, aug_labels),
-            "validation_and_augmented": (np.concatenate([val_probs, aug_probs]), np.r_[val_labels, aug_labels]),
-        }
-        for rule, (probs, labels) in choices.items():
+        for rule in THRESHOLD_RULES:
+            probs, labels = threshold_images(rule, val_probs, val_labels, aug_probs, aug_labels)
             chosen = malignant_operating_point(probs, labels, sensitivity)
             clean = rates_at_threshold(held_out_probs, held_out_labels, chosen["threshold"])
             augmented = rates_at_threshold(held_out_aug_probs, held_out_aug_labels, chosen["threshold"])
