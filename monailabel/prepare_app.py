@@ -24,6 +24,7 @@ Prints one JSON line: the app folder, the bundle copy and where the weights came
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import compat
@@ -99,21 +101,28 @@ def copy_bundle(source: Path, target: Path, fresh: bool) -> None:
     (target / "models").mkdir(exist_ok=True)
 
 
+@contextlib.contextmanager
+def _bundle_scripts(bundle: Path) -> Iterator[None]:
+    """Make ``bundle``'s ``scripts`` package importable for the duration."""
+    sys.path.insert(0, str(bundle))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(bundle))
+
+
 def initialise_weights(bundle: Path, seed: int = 0) -> None:
     """Write ``models/model.pt`` (``{"model": state_dict}``) of a freshly initialised network into the copy."""
     import torch
     from monai.bundle import ConfigParser
 
-    sys.path.insert(0, str(bundle))
-    try:
+    with _bundle_scripts(bundle):
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))
         parser["bundle_root"] = str(bundle)
         torch.manual_seed(seed)
         network = parser.get_parsed_content("network_def", instantiate=True)
         torch.save({"model": network.state_dict()}, bundle / "models" / "model.pt")
-    finally:
-        sys.path.remove(str(bundle))
 
 
 def keep_first_member(model: Path) -> int:
@@ -121,14 +130,14 @@ def keep_first_member(model: Path) -> int:
     Label fine-tunes one network with ``train.json``. Returns the number of members ``model`` held (1: untouched)."""
     import torch
 
+    with _bundle_scripts(model.parents[1]):  # the bundle copy that holds ``models/model.pt``
+        from scripts.handlers import atomic_save  # an interrupted run leaves the copy's weights whole
+        from scripts.net import ENSEMBLE_PREFIX, ensemble_members, member_state
+
     state = torch.load(model, map_location="cpu", weights_only=True)["model"]
-    members = {name.split(".", 2)[1] for name in state if name.startswith("members.")}
-    if members:
-        first = {name[len("members.0.") :]: value for name, value in state.items() if name.startswith("members.0.")}
-        partial = model.with_name(model.name + ".partial")  # an interrupted run leaves the copy's weights whole
-        torch.save({"model": first}, partial)
-        os.replace(partial, model)
-    return max(len(members), 1)
+    if any(name.startswith(ENSEMBLE_PREFIX) for name in state):
+        atomic_save({"model": member_state(state, 0)}, model)
+    return ensemble_members(state)
 
 
 def prepare(app: Path, bundle_source: Path, fresh: bool = False, check_bundle: bool = True) -> dict:

@@ -181,6 +181,6 @@ def test_monailabel_gets_the_first_member_of_an_ensemble(tmp_path, monkeypatch):
     assert prepare_app.keep_first_member(model) == 2
     kept = torch.load(model, weights_only=True)["model"]
     assert kept.keys() == members[0].keys() and all(torch.equal(kept[k], v) for k, v in members[0].items())
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(tmp_path.iterdir()) == [model]  # no temporary left beside it
     before = model.read_bytes()
     assert prepare_app.keep_first_member(model) == 1 and model.read_bytes() == before

@@ -190,7 +190,7 @@ def test_one_config_serves_one_network_or_an_ensemble_of_them(tmp_path):
     import functools
     import sys
 
-    from scripts.net import MultiTaskEnsemble, ensemble_size, multitask_network
+    from scripts.net import MultiTaskEnsemble, ensemble_size, member_state, multitask_network
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import make_ensemble
@@ -214,6 +214,11 @@ def test_one_config_serves_one_network_or_an_ensemble_of_them(tmp_path):
     second.load_state_dict(torch.load(paths[1], weights_only=True)["model"])
     for name, value in second.state_dict().items():
         assert torch.equal(ensemble.members[1].state_dict()[name], value), name
+    unpacked = member_state(torch.load(tmp_path / "ensemble.pt", weights_only=True)["model"], 1)
+    assert unpacked.keys() == second.state_dict().keys()
+    assert all(torch.equal(unpacked[name], value) for name, value in second.state_dict().items())
+    with pytest.raises(KeyError, match="no ensemble member 2"):
+        member_state(ensemble.state_dict(), 2)
 
 
 def test_an_ensemble_is_made_of_matching_networks(tmp_path):

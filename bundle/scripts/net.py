@@ -24,6 +24,7 @@ __all__ = [
     "MultiTaskEnsemble",
     "ensemble_members",
     "ensemble_size",
+    "member_state",
     "multitask_network",
 ]
 
@@ -225,6 +226,19 @@ def ensemble_members(state: Mapping[str, torch.Tensor]) -> int:
     """How many networks a state dict belongs to: the members of a :class:`MultiTaskEnsemble`, or 1 for one network."""
     members = {name[len(ENSEMBLE_PREFIX) :].split(".", 1)[0] for name in state if name.startswith(ENSEMBLE_PREFIX)}
     return max(len(members), 1)
+
+
+def member_state(state: Mapping[str, torch.Tensor], index: int) -> dict[str, torch.Tensor]:
+    """The weights of member ``index`` of a :class:`MultiTaskEnsemble` state dict, as one network's state dict.
+
+    Raises:
+        KeyError: when ``state`` holds no member ``index``.
+    """
+    prefix = f"{ENSEMBLE_PREFIX}{index}."
+    member = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+    if not member:
+        raise KeyError(f"the weights hold no ensemble member {index} (keys '{prefix}...').")
+    return member
 
 
 def ensemble_size(checkpoint: str | Path, key: str = "model") -> int:
