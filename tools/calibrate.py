@@ -350,6 +350,8 @@ def main(
             (``validation_and_augmented``); ``weights/README.md`` says which rule held up on held-out folds.
         write: write the statistics, the configs and the docs (``False``: print only).
     """
+    if threshold_rule not in ablate.THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold_rule {threshold_rule!r}: expected one of {ablate.THRESHOLD_RULES}")
     overrides = {"image_size": [image_size, image_size]} if image_size else {}
     splits = {split: ablate.predict_split(dataset_dir, ckpt, overrides, split, tta=True)
               for split in ("training", "validation", "test")}  # fmt: skip
@@ -381,9 +383,10 @@ def main(
     flipped = {split: {"seg": o["seg"], "cls": softmax(o["views_logits"], temperature).mean(axis=0),
                        "label": o["label"]} for split, o in (("validation", val), ("test", test))}  # fmt: skip
     augmented_probs = softmax(augmented["log_probs"], temperature)
-    malignant_threshold = ablate.malignant_operating_point(*ablate.threshold_images(
-        threshold_rule, single["validation"]["cls"], val_labels, augmented_probs, augmented["label"]), sensitivity)[
-        "threshold"]  # fmt: skip
+    rule_thresholds = {rule: ablate.malignant_operating_point(*ablate.threshold_images(
+        rule, single["validation"]["cls"], val_labels, augmented_probs, augmented["label"]), sensitivity)["threshold"]
+        for rule in ablate.THRESHOLD_RULES}  # fmt: skip
+    malignant_threshold = rule_thresholds[threshold_rule]
     point = {**ablate.malignant_operating_point(single["validation"]["cls"], val_labels, sensitivity),
              **ablate.rates_at_threshold(single["validation"]["cls"], val_labels, malignant_threshold)}  # fmt: skip
     test_point = ablate.malignant_operating_point(single["test"]["cls"], test_labels, sensitivity)
@@ -398,11 +401,16 @@ def main(
                                             ("operating_point", single[split], malignant_threshold),
                                             ("flip_tta_arg_max", flipped[split], None))},
     }  # fmt: skip
-    operating_point["alternatives"] = sensitivity_alternatives(
-        {"validation": single["validation"]["cls"], "test": single["test"]["cls"],
-         "augmented_validation": augmented_probs},
-        {"validation": val_labels, "augmented_validation": augmented["label"], "test": test_labels},
-    )  # fmt: skip
+    split_probs = {"validation": single["validation"]["cls"], "augmented_validation": augmented_probs,
+                   "test": single["test"]["cls"]}  # fmt: skip
+    split_labels = {"validation": val_labels, "augmented_validation": augmented["label"], "test": test_labels}
+    operating_point["alternatives"] = sensitivity_alternatives(split_probs, split_labels)
+    # every rule's threshold, for the record: cross_validate.thresholds chose between them on held-out folds
+    operating_point["rules"] = {
+        rule: {"threshold": t, **{split: ablate.rates_at_threshold(p, split_labels[split], t)
+                                  for split, p in split_probs.items()}}
+        for rule, t in rule_thresholds.items()
+    }  # fmt: skip
     uncertainty: dict = {}
     for split, outputs in (("validation", val), ("test", test)):
         errors = image_errors(outputs, temperature, malignant_threshold)
