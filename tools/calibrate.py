@@ -18,8 +18,9 @@ the test split is only scored, once, with what was chosen:
    installed packages (scikit-image, pydicom, nibabel), with the BUSI test images as the in-distribution side.
 
 4. **Malignant operating point**: the ``p(malignant)`` threshold (calibrated) that reaches ``sensitivity`` malignant
-   recall on validation, with the specificity it costs on validation and test; the same for recall targets 0.90,
-   0.95 and 1.0 (``alternatives``), also scored under the training augmentation.
+   recall on validation and its augmented draws (``threshold_rule``), with the specificity it costs on validation
+   and test; the same for recall targets 0.90, 0.95 and 1.0 on clean validation (``alternatives``) and for every
+   rule (``rules``), also scored under the training augmentation.
 
 Usage (writes ``bundle/models/embedding_stats.pt``, sets ``cls_temperature``, ``max_embedding_distance`` and
 ``malignant_threshold`` in ``inference.json`` (``cls_temperature`` also in ``evaluate.json``), and writes the
@@ -331,7 +332,8 @@ def main(
     shrinkage: float = 0.3,
     quantile: float = 0.99,
     sensitivity: float = 0.9,
-    threshold_rule: str = "validation",
+    threshold_rule: str = "validation_and_augmented",
+    amp: bool | str = False,
     write: bool = True,
 ) -> dict:
     """Fit on validation, score on test once, write the statistics, config values and measurements.
@@ -346,13 +348,16 @@ def main(
         sensitivity: malignant recall the malignant decision threshold must reach on validation (calibrated
             probabilities).
         threshold_rule: the validation images that threshold is chosen on (``ablate.threshold_images``): as they
-            are (``validation``), their augmented draws (``augmented_validation``) or both
-            (``validation_and_augmented``); ``weights/README.md`` says which rule held up on held-out folds.
+            are (``validation``, up to 0.5.0), their augmented draws (``augmented_validation``) or both
+            (``validation_and_augmented``, since 0.5.1: it kept more held-out cancers in cross-validation,
+            ``weights/README.md``).
+        amp: the bundle's ``amp`` for the split predictions; float32 by default, so that what is fitted does not
+            depend on whether this CPU computes bf16 natively (the augmented and outlier passes are float32 anyway).
         write: write the statistics, the configs and the docs (``False``: print only).
     """
     if threshold_rule not in ablate.THRESHOLD_RULES:
         raise ValueError(f"unknown threshold_rule {threshold_rule!r}: expected one of {ablate.THRESHOLD_RULES}")
-    overrides = {"image_size": [image_size, image_size]} if image_size else {}
+    overrides = {"amp": amp, **({"image_size": [image_size, image_size]} if image_size else {})}
     splits = {split: ablate.predict_split(dataset_dir, ckpt, overrides, split, tta=True)
               for split in ("training", "validation", "test")}  # fmt: skip
     val, test = splits["validation"], splits["test"]
