@@ -101,15 +101,17 @@ class OnnxRuntimeNetwork(torch.nn.Module):
 
     def _build(self, inputs: torch.Tensor) -> None:
         self.network.eval()
-        with torch.no_grad():
+        # exported in float32 even when called under bf16 autocast (AutocastInferer on a CPU with native bf16):
+        # traced autocast casts would put bf16 convolutions in the graph, which ONNX Runtime's CPU provider rejects
+        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False):
             outputs = self.network(inputs)
-        self.dict_outputs = isinstance(outputs, dict)
-        self.output_names = list(outputs) if self.dict_outputs else ["output"]
-        dynamic_axes = {name: {0: "batch"} for name in ["image", *self.output_names]}
-        model = convert_to_onnx(
-            self.network, (inputs,), input_names=["image"], output_names=self.output_names, opset_version=17,
-            dynamic_axes=dynamic_axes, dynamo=False,
-        )  # fmt: skip
+            self.dict_outputs = isinstance(outputs, dict)
+            self.output_names = list(outputs) if self.dict_outputs else ["output"]
+            dynamic_axes = {name: {0: "batch"} for name in ["image", *self.output_names]}
+            model = convert_to_onnx(
+                self.network, (inputs,), input_names=["image"], output_names=self.output_names, opset_version=17,
+                dynamic_axes=dynamic_axes, dynamo=False,
+            )  # fmt: skip
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
