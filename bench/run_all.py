@@ -65,6 +65,10 @@ TRAIN_RUNS = [
      {"train#dataloader#worker_init_fn": NICE_WORKERS}),
     ("tuned", "default + workers at nice 10 + metadata tracking off after caching", "bundle", 2,
      {"train#dataloader#worker_init_fn": NICE_WORKERS}),
+    ("lite1", "default with the deeper pretrained encoder (--network_def#encoder efficientnet-lite1)", "bundle", 3,
+     {"network_def#encoder": "efficientnet-lite1"}),
+    ("lite2", "default with the deeper and wider pretrained encoder (--network_def#encoder efficientnet-lite2)",
+     "bundle", 3, {"network_def#encoder": "efficientnet-lite2"}),
     ("two_model_unet", "MONAI UNet (DiceCE), float32, same data loader", "unet", 2, {}),
     ("two_model_densenet", "MONAI DenseNet121 (cross-entropy), float32, same data loader", "densenet", 2, {}),
 ]  # fmt: skip
