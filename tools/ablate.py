@@ -676,7 +676,9 @@ def augmented_class_probs(
     return np.stack(probs, axis=1), np.array(labels)
 
 
-def ensemble(dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: int = 4) -> dict:
+def ensemble(
+    dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: int = 4, overrides: dict | None = None
+) -> dict:
     """Each checkpoint and the ensemble of all (mean of their segmentation and class probabilities) on validation,
     as it is (arg-max, :func:`score`) and under the training augmentation (benign / malignant and macro AUC of the
     class probabilities on ``draws`` draws of every validation image, the same draws for every model).
@@ -686,8 +688,10 @@ def ensemble(dataset_dir: str, ckpts: list[str], image_size: int = 160, draws: i
         ckpts: ``model.pt`` files of networks trained with the same ``network_def`` at ``image_size``.
         image_size: network input size.
         draws: augmented draws per validation image.
+        overrides: further train.json overrides, e.g. ``{"network_def#encoder": "efficientnet-lite2"}`` or
+            ``{"amp": False}`` (float32 whatever the CPU).
     """
-    overrides = {"image_size": [image_size, image_size]}
+    overrides = {**(overrides or {}), "image_size": [image_size, image_size]}
     members = [predict_split(dataset_dir, ckpt, overrides, "validation") for ckpt in ckpts]
     mean = {**members[0], **{key: np.mean([m[key] for m in members], axis=0) for key in ("seg", "cls")}}
     aug_probs, aug_labels = augmented_class_probs(dataset_dir, ckpts, overrides, draws)
