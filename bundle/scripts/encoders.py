@@ -187,4 +187,3 @@ class EfficientNetLiteEncoder(nn.Module):
             raise ValueError(f"pretrained weights take 1 or 3 input channels, not {self.in_channels}.")
         self.load_state_dict(state, strict=True)
         return {key: source[key] for key in HEAD_KEYS}
-
