@@ -171,3 +171,29 @@ def test_thresholds_chosen_on_validation_are_scored_on_the_held_out_fold(cross_v
     (tmp_path / "validation_fold0.npz").unlink()
     with pytest.raises(FileNotFoundError, match="--split validation"):
         cross_validate.thresholds(out=str(tmp_path))
+
+
+def test_compare_scores_the_candidate_ensemble_against_the_reference_on_shared_folds(cross_validate, tmp_path):
+    right = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.9 + 0.1 / 3
+    wrong = np.eye(3)[[1, 2, 2, 0, 0, 1]] * 0.9 + 0.1 / 3
+    candidate, reference = tmp_path / "candidate", tmp_path / "reference"
+    candidate.mkdir(), reference.mkdir()
+    _predictions(candidate / "predictions_fold0.npz", np.stack([wrong, right, right]), [0.7, 0.7, 0.7])
+    _predictions(reference / "predictions_fold0.npz", np.stack([wrong, wrong, right]), [0.7, 0.7, 0.7])
+    _predictions(candidate / "predictions_fold1.npz", np.stack([right, right]), [0.7, 0.7])
+    _predictions(reference / "predictions_fold1.npz", np.stack([right, right]), [0.7, 0.7])
+    _predictions(candidate / "predictions_fold2.npz", np.stack([right]), [0.7])  # the reference lacks fold 2
+    result = cross_validate.compare(str(candidate), str(reference))
+    assert result["folds"] == ["fold0", "fold1"]
+    assert result["fold0"]["accuracy"] == pytest.approx(1.0)  # two right members against two wrong ones
+    assert all(v == pytest.approx(0.0) for v in result["fold1"].values())
+    assert result["mean"]["accuracy"] == pytest.approx(0.5)
+    assert json.loads((candidate / "compare.json").read_text())["mean"]["accuracy"] == pytest.approx(0.5)
+    # seed 0 alone: wrong in both folders
+    assert cross_validate.compare(str(candidate), str(reference), seeds=1)["fold0"]["accuracy"] == pytest.approx(0.0)
+    other_images = dict(np.load(reference / "predictions_fold1.npz"))
+    np.savez(reference / "predictions_fold1.npz", **{**other_images, "label": np.zeros((6, 4, 4), np.uint8)})
+    with pytest.raises(ValueError, match="predictions_fold1.npz: the two folders did not predict the same"):
+        cross_validate.compare(str(candidate), str(reference))
+    with pytest.raises(FileNotFoundError, match="run 'predict' first"):
+        cross_validate.compare(str(candidate), str(tmp_path))

@@ -15,6 +15,8 @@ whatever it picked. This tool makes fresh held-out data from the training split 
    score) and the ensemble of the fold's seeds (mean probabilities), scored with ``ablate.score``.
 5. ``thresholds`` (after ``predict --split validation``): whether a malignant threshold chosen on the validation
    split, as ``tools/calibrate.py`` chooses it, or on its augmented draws keeps its recall on the held-out folds.
+6. ``compare``: two recipes cross-validated on the same folds (two ``--out`` folders, e.g. another encoder through
+   ``--extra``): per fold and averaged, the candidate's ensemble minus the reference's on the held-out images.
 
 Usage::
 
@@ -25,6 +27,7 @@ Usage::
     python tools/cross_validate.py report --out runs/cv
     python tools/cross_validate.py predict --dataset_dir <BUSI> --out runs/cv --device cuda --split validation
     python tools/cross_validate.py thresholds --out runs/cv
+    python tools/cross_validate.py compare --candidate runs/cv_lite2 --reference runs/cv
 """
 
 from __future__ import annotations
@@ -324,6 +327,46 @@ def report(out: str = "runs/cv", members: int = 3) -> str:
     return "\n".join(lines)
 
 
+def compare(candidate: str, reference: str, seeds: int | None = None) -> dict:
+    """Two recipes on the same held-out folds: for every fold that both folders predicted, the candidate's ensemble
+    (mean probabilities of its seeds) minus the reference's, per score; and the mean over those folds. Saved as
+    ``compare.json`` in ``candidate``.
+
+    Args:
+        candidate: ``--out`` folder of the recipe under test.
+        reference: ``--out`` folder of the recipe it is compared with, cross-validated on the same folds.
+        seeds: use only the seeds below this number in both (``None``: every predicted seed).
+
+    Returns:
+        ``{"fold<k>": {score: difference}, "mean": {score: difference}, "folds": [k, ...]}``.
+    """
+    differences: dict[str, dict] = {}
+    for path in sorted(Path(candidate).glob("predictions_fold*.npz")):
+        other = Path(reference) / path.name
+        if not other.is_file():
+            continue
+        ensembles = []
+        for data in (dict(np.load(path)), dict(np.load(other))):
+            keep = np.ones(len(data["seeds"]), bool) if seeds is None else data["seeds"] < seeds
+            if not keep.any():
+                raise ValueError(f"{path.name}: no seed below {seeds} in one of the two folders")
+            ensembles.append(data | {key: data[key][keep] for key in ("cls", "seg", "augmented_cls")})
+        if not (np.array_equal(ensembles[0]["label"], ensembles[1]["label"])
+                and np.array_equal(ensembles[0]["augmented_label"], ensembles[1]["augmented_label"])):  # fmt: skip
+            raise ValueError(f"{path.name}: the two folders did not predict the same held-out images")
+        scores = [_scores(e["cls"].mean(0), e["seg"].astype(np.float32).mean(0) / 255.0, e["label"],
+                          e["augmented_cls"].mean(0), e["augmented_label"]) for e in ensembles]  # fmt: skip
+        fold = path.stem.removeprefix("predictions_")
+        differences[fold] = {key: scores[0][key] - scores[1][key] for key in scores[0]}
+    if not differences:
+        raise FileNotFoundError(f"no predictions_fold*.npz in both {candidate} and {reference}: run 'predict' first")
+    per_fold = list(differences.values())
+    result = {**differences, "mean": {k: float(np.mean([d[k] for d in per_fold])) for k in per_fold[0]},
+              "folds": sorted(differences)}  # fmt: skip
+    (Path(candidate) / "compare.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
     """Does a malignant threshold chosen on validation keep its recall on images no selection has seen?
 
@@ -372,4 +415,4 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE))
     fire.Fire({"downscale": downscale, "folds": folds, "train": train, "predict": predict, "report": report,
-               "thresholds": thresholds})
+               "thresholds": thresholds, "compare": compare})
