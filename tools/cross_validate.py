@@ -258,6 +258,13 @@ def _scores(cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.nda
     return {**score({"cls": cls, "seg": seg, "label": label}), **augmented_scores(aug_cls, aug_label)}
 
 
+def _ensemble_scores(data: dict, members=slice(None)) -> dict:
+    """Scores of the mean probabilities of ``members`` (indices or a mask into the seed axis) of one fold's data."""
+    seg = data["seg"][members].astype(np.float32) / 255.0
+    return _scores(data["cls"][members].mean(0), seg.mean(0), data["label"], data["augmented_cls"][members].mean(0),
+                   data["augmented_label"])  # fmt: skip
+
+
 def ensemble_against_selected(data: dict, members: int = 3) -> dict[str, float]:
     """Mean over every ``members``-seed subset of one fold's seeds of (ensemble - the subset's validation-selected
     seed), per score, on the fold's held-out images."""
@@ -266,8 +273,7 @@ def ensemble_against_selected(data: dict, members: int = 3) -> dict[str, float]:
     for subset in itertools.combinations(range(len(data["seeds"])), members):
         subset = list(subset)
         chosen = subset[int(np.argmax(data["val_score"][subset]))]
-        ensemble = _scores(data["cls"][subset].mean(0), seg[subset].mean(0), data["label"],
-                           data["augmented_cls"][subset].mean(0), data["augmented_label"])  # fmt: skip
+        ensemble = _ensemble_scores(data, subset)
         selected = _scores(data["cls"][chosen], seg[chosen], data["label"], data["augmented_cls"][chosen],
                            data["augmented_label"])  # fmt: skip
         differences.append({key: ensemble[key] - selected[key] for key in ensemble})
@@ -345,17 +351,13 @@ def compare(candidate: str, reference: str, seeds: int | None = None) -> dict:
         other = Path(reference) / path.name
         if not other.is_file():
             continue
-        ensembles = []
-        for data in (dict(np.load(path)), dict(np.load(other))):
-            keep = np.ones(len(data["seeds"]), bool) if seeds is None else data["seeds"] < seeds
-            if not keep.any():
-                raise ValueError(f"{path.name}: no seed below {seeds} in one of the two folders")
-            ensembles.append(data | {key: data[key][keep] for key in ("cls", "seg", "augmented_cls")})
-        if not (np.array_equal(ensembles[0]["label"], ensembles[1]["label"])
-                and np.array_equal(ensembles[0]["augmented_label"], ensembles[1]["augmented_label"])):  # fmt: skip
+        pair = [dict(np.load(path)), dict(np.load(other))]
+        if not all(np.array_equal(pair[0][key], pair[1][key]) for key in ("label", "augmented_label")):
             raise ValueError(f"{path.name}: the two folders did not predict the same held-out images")
-        scores = [_scores(e["cls"].mean(0), e["seg"].astype(np.float32).mean(0) / 255.0, e["label"],
-                          e["augmented_cls"].mean(0), e["augmented_label"]) for e in ensembles]  # fmt: skip
+        keeps = [np.ones(len(d["seeds"]), bool) if seeds is None else d["seeds"] < seeds for d in pair]
+        if not all(keep.any() for keep in keeps):
+            raise ValueError(f"{path.name}: no seed below {seeds} in one of the two folders")
+        scores = [_ensemble_scores(data, keep) for data, keep in zip(pair, keeps)]
         fold = path.stem.removeprefix("predictions_")
         differences[fold] = {key: scores[0][key] - scores[1][key] for key in scores[0]}
     if not differences:
