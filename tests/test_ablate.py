@@ -154,3 +154,16 @@ def test_checkpoints_predicted_together_match_each_predicted_alone(
         for key in ("seg", "cls", "label", "views_seg", "views_logits", "embedding"):
             np.testing.assert_array_equal(shared[key], alone[key], err_msg=key)
     assert not np.array_equal(together[0]["cls"], together[1]["cls"]), "each checkpoint keeps its own outputs"
+
+
+def test_operating_point_scores_a_threshold_of_tempered_probabilities(
+    ablate, synthetic_dataset, synthetic_datalist, tmp_path
+):
+    ckpt = str(tiny_model_file(tmp_path / "model.pt", 0))
+    overrides = {**TINY_NETWORK, "amp": False, "datalist": str(synthetic_datalist)}
+    common = dict(dataset_dir=str(synthetic_dataset), ckpt=ckpt, image_size=64, threshold=0.334, overrides=overrides)
+    plain = ablate.operating_point(**common)
+    assert plain["sensitivity"] > 0, "some malignant image reaches the threshold untempered"
+    # a huge temperature flattens every image to p = 1/3, just below the threshold
+    flat = ablate.operating_point(**common, temperature=1e6)
+    assert (flat["sensitivity"], flat["specificity"]) == (0.0, 1.0)

@@ -617,6 +617,7 @@ def operating_point(
     sensitivity: float = 0.9,
     threshold: float | None = None,
     overrides: str | dict | None = None,
+    temperature: float = 1.0,
 ) -> dict:
     """Choose the malignant threshold on ``validation`` (or, with ``threshold``, score a chosen one on a split).
 
@@ -629,9 +630,12 @@ def operating_point(
         threshold: a threshold chosen before (scoring, e.g. on ``test`` once).
         overrides: further train.json overrides the checkpoint needs (e.g. its ``network_def``), as JSON text or
             the dict that fire parses such text into.
+        temperature: divides the class logits before the softmax, e.g. ``inference.json``'s ``cls_temperature``,
+            so that a threshold of calibrated probabilities is scored as inference applies it.
     """
     extra = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     outputs = predict_split(dataset_dir, ckpt, {"image_size": [image_size, image_size], **extra}, split)
+    outputs["cls"] = torch.softmax(torch.as_tensor(outputs["views_logits"][0]) / temperature, dim=-1).numpy()
     labels = image_classes(outputs["label"])
     result = malignant_operating_point(outputs["cls"], labels, sensitivity)
     if threshold is not None:
