@@ -10,6 +10,7 @@ Usage::
 
     python bench/predict_bench.py --out result.json [--repeats 50] [--threads 2]
     python bench/predict_bench.py --out result.json --members 3  # an ensemble of three networks
+    python bench/predict_bench.py --out result.json --members 3 --encoder efficientnet-lite0  # of another encoder
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--members", type=int, default=1, help="networks in the ensemble (scripts.net.MultiTaskEnsemble)")
+    ap.add_argument("--encoder", default=None, help="network_def#encoder (default: inference.json's)")
     ap.add_argument("--backends", nargs="+", default=None,
                     help="default: backends.BACKENDS and the optional ones (torch.compile)")  # fmt: skip
     args = ap.parse_args()
@@ -56,6 +58,8 @@ def main() -> None:
     parser = ConfigParser()
     parser.read_config("bundle/configs/inference.json")
     parser["network_def#num_members"] = args.members
+    if args.encoder:
+        parser["network_def#encoder"] = args.encoder
     parser["network_def#return_embedding"] = False  # the outputs of the exports (pred, cls), as ckpt_export makes them
     network = parser.get_parsed_content("network_def").eval()
     single = torch.randn(1, 1, args.size, args.size)
@@ -81,8 +85,8 @@ def main() -> None:
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
     write_json(
         __import__("pathlib").Path(args.out),
-        {"size": args.size, "members": args.members, "threads": torch.get_num_threads(), "backends": results,
-         "machine": machine()},  # fmt: skip
+        {"size": args.size, "members": args.members, "encoder": parser["network_def#encoder"],
+         "threads": torch.get_num_threads(), "backends": results, "machine": machine()},  # fmt: skip
     )
 
 
