@@ -1,0 +1,91 @@
+"""tools/second_look.py: lesion shape features, the zoom crop and the logistic stacker."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.conftest import load_tool
+
+
+@pytest.fixture(scope="module")
+def second_look():
+    return load_tool("second_look")
+
+
+def _disc(size: int = 160, centre=(80, 80), radius: int = 20) -> np.ndarray:
+    rows, cols = np.mgrid[:size, :size]
+    return ((rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2).astype(float)
+
+
+def _star(size: int = 160, arms: int = 7) -> np.ndarray:
+    angles = np.linspace(0, 2 * np.pi, 2 * arms, endpoint=False)
+    radii = np.where(np.arange(2 * arms) % 2 == 0, 40, 12)
+    points = np.stack([80 + radii * np.cos(angles), 80 + radii * np.sin(angles)], axis=1).astype(np.int32)
+    star = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(star, [points], 1)
+    return star.astype(float)
+
+
+def test_a_disc_is_round_solid_and_crisp(second_look):
+    circularity, solidity, orientation, fuzziness = second_look.shape_features(_disc(), (400, 400))
+    assert circularity > 0.85 and solidity > 0.95
+    assert abs(orientation) < 0.05 and fuzziness == 0.0
+
+
+def test_a_spiculated_lesion_is_neither_round_nor_solid(second_look):
+    circularity, solidity, _, _ = second_look.shape_features(_star(), (400, 400))
+    assert circularity < 0.5 and solidity < 0.75
+
+
+def test_orientation_is_measured_in_the_images_aspect(second_look):
+    # a disc in the square network input is twice as tall as wide in a 400 x 200 image
+    assert second_look.shape_features(_disc(), (400, 200))[2] == pytest.approx(np.log(2), abs=0.1)
+    assert second_look.shape_features(_disc(), (200, 400))[2] == pytest.approx(-np.log(2), abs=0.1)
+
+
+def test_uncertain_margins_are_fuzzy(second_look):
+    blurred = cv2.GaussianBlur(_disc(), (0, 0), 6)
+    assert second_look.shape_features(blurred, (400, 400))[3] > 0.3
+
+
+def test_the_largest_component_is_measured_and_empty_maps_are_neutral(second_look):
+    with_speck = _disc() + _disc(centre=(20, 20), radius=3)
+    np.testing.assert_allclose(
+        second_look.shape_features(with_speck, (400, 400)), second_look.shape_features(_disc(), (400, 400))
+    )
+    np.testing.assert_allclose(second_look.shape_features(np.zeros((160, 160)), (400, 400)), [1, 1, 0, 0])
+
+
+def test_zoom_box_frames_the_lesion_in_the_images_aspect(second_look):
+    lesion = _disc(centre=(40, 120), radius=8) > 0  # a 17-pixel box of 160 in a 480 x 640 image
+    top, left, height, width = second_look.zoom_box(lesion, (480, 640), factor=4.0)
+    assert height / width == pytest.approx(480 / 640, abs=0.01)
+    assert height == pytest.approx(4 * 17 * 3, abs=4)  # 4 times the box's 51 original rows
+    assert top <= 32 * 3 and top + height >= 49 * 3 and left <= 112 * 4 and left + width >= 129 * 4
+
+
+def test_zoom_box_stays_inside_the_image_and_has_a_minimum(second_look):
+    corner = np.zeros((160, 160), bool)
+    corner[:3, :3] = True
+    top, left, height, width = second_look.zoom_box(corner, (300, 500), factor=4.0, min_fraction=0.25)
+    assert (top, left) == (0, 0) and (height, width) == (75, 125)
+    huge = np.ones((160, 160), bool)
+    assert second_look.zoom_box(huge, (300, 500)) == (0, 0, 300, 500)
+    assert second_look.zoom_box(np.zeros((160, 160), bool), (300, 500)) is None
+
+
+def test_stacker_learns_the_informative_feature(second_look):
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(400, 3))
+    target = (features[:, 1] + 0.3 * rng.normal(size=400) > 0).astype(float)
+    stacker = second_look.LogisticStacker(l2=1.0).fit(features, target)
+    assert abs(stacker.coef[2]) > 3 * max(abs(stacker.coef[1]), abs(stacker.coef[3]))
+    assert ((stacker.predict_proba(features) > 0.5) == target).mean() > 0.85
+
+
+def test_restack_keeps_p_normal_and_sums_to_one(second_look):
+    probs = np.array([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
+    restacked = second_look.restack(probs, np.array([0.75, 0.5]))
+    np.testing.assert_allclose(restacked, [[0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
