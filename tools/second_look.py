@@ -23,7 +23,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import cv2
@@ -48,9 +47,10 @@ def largest_component(lesion: np.ndarray) -> np.ndarray | None:
 
 def shape_features(lesion_prob: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
     """Shape of the largest predicted lesion component, measured in the image's own aspect (the network sees a
-    square resize): ``circularity`` 4 pi area / perimeter^2 (of a polygon within 2 pixels of the outline), ``solidity`` area / convex hull area, ``orientation``
-    log of the vertical over the horizontal spread (> 0: taller than wide), ``margin_fuzziness`` the pixels whose
-    lesion probability lies between 0.2 and 0.8 over that band plus the lesion.
+    square resize): ``circularity`` 4 pi area / perimeter^2 (of a polygon within 2 pixels of the outline),
+    ``solidity`` area / convex hull area, ``orientation`` log of the vertical over the horizontal spread (> 0: taller
+    than wide), ``margin_fuzziness`` the pixels whose lesion probability lies between 0.2 and 0.8 over that band plus
+    the lesion.
 
     Args:
         lesion_prob: lesion probability ``(h, w)`` in [0, 1] at the network's resolution.
