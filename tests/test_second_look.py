@@ -89,3 +89,28 @@ def test_restack_keeps_p_normal_and_sums_to_one(second_look):
     probs = np.array([[0.2, 0.5, 0.3], [0.9, 0.05, 0.05]])
     restacked = second_look.restack(probs, np.array([0.75, 0.5]))
     np.testing.assert_allclose(restacked, [[0.2, 0.2, 0.6], [0.9, 0.05, 0.05]])
+
+
+def test_misses_counts_by_size_at_the_validation_threshold(second_look, tmp_path):
+    def labels(areas: list[float], classes: list[int]) -> np.ndarray:
+        maps = np.zeros((len(areas), 20, 20), np.uint8)
+        for index, (area, cls) in enumerate(zip(areas, classes)):
+            maps[index].flat[: int(area * 400)] = cls
+        return maps
+
+    # validation: cancers at 0.9, 0.8, ..., 0.0; benign at 0.05; 0.90 recall puts the threshold at the 9th, 0.1
+    val_p = np.r_[np.linspace(0.9, 0.0, 10), np.full(5, 0.05)]
+    val_cls = np.stack([np.zeros(15), 1 - val_p, val_p], axis=1)[None]
+    np.savez(tmp_path / "validation_fold0.npz", cls=val_cls, label=labels([0.2] * 15, [2] * 10 + [1] * 5),
+             augmented_cls=val_cls, augmented_label=np.r_[np.full(10, 2), np.ones(5)])  # fmt: skip
+    # held out: a small cancer missed, a large one found, a large one missed whose lesion is not segmented, a benign
+    held_p = np.array([0.05, 0.5, 0.02, 0.01])
+    held_label = labels([0.02, 0.3, 0.3, 0.3], [2, 2, 2, 1])
+    seg = (held_label > 0).astype(np.uint8) * 255
+    seg[2] = 0
+    np.savez(tmp_path / "predictions_fold0.npz", cls=np.stack([1 - held_p, np.zeros(4), held_p], 1)[None],
+             label=held_label, seg=seg[None])  # fmt: skip
+    row = second_look.misses(str(tmp_path))["fold0"]
+    assert row["threshold"] == pytest.approx(0.1)
+    assert (row["small_cancers"], row["small_missed"], row["large_cancers"], row["large_missed"]) == (1, 1, 2, 1)
+    assert row["missed_not_segmented"] == 1

@@ -18,6 +18,7 @@ Usage::
     python tools/second_look.py zoom --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2 --fold 0
     python tools/second_look.py zoom_report --cv runs/cv_lite2
     python tools/second_look.py stack --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2
+    python tools/second_look.py misses --cv runs/cv_lite2   # are the held-out misses small, or not segmented?
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import cv2
 import fire
 import numpy as np
 import torch
-from ablate import _parser, image_classes, load_network, malignant_operating_point
+from ablate import _parser, image_classes, load_network, malignant_operating_point, threshold_images
 from scipy import ndimage
 
 SHAPE_FEATURES = ("circularity", "solidity", "orientation", "margin_fuzziness")
@@ -285,5 +286,50 @@ def stack(dataset_dir: str, cv: str = "runs/cv_lite2", l2: float = 1.0) -> dict:
     return report
 
 
+def misses(cv: str = "runs/cv_lite2", small: float = 0.05, found: float = 0.1, sensitivity: float = 0.9) -> dict:
+    """Which held-out cancers each fold ensemble misses at the shipped threshold rule (0.90 malignant recall on its
+    validation images and their augmented draws, ``ablate.threshold_images``), by lesion size.
+
+    Args:
+        cv: the cross-validation folder, with ``predictions_fold{k}.npz`` and ``validation_fold{k}.npz``.
+        small: a cancer is small where its true lesion covers less than this share of the image.
+        found: a missed cancer's lesion counts as not segmented where the predicted lesion covers less than this share
+            of its true mask.
+        sensitivity: the validation recall the threshold reaches.
+
+    Returns:
+        (also saved as ``misses.json`` in ``cv``) per fold and pooled: cancers and misses, small and large, and the
+        misses whose lesion was not segmented.
+    """
+    report: dict = {}
+    for path in sorted(Path(cv).glob("predictions_fold*.npz")):
+        fold = path.stem.removeprefix("predictions_")
+        held_out, validation = np.load(path), np.load(Path(cv) / f"validation_{fold}.npz")
+        rule_probs, rule_labels = threshold_images(
+            "validation_and_augmented", validation["cls"].mean(0), image_classes(validation["label"]),
+            validation["augmented_cls"].mean(0), validation["augmented_label"],
+        )  # fmt: skip
+        threshold = malignant_operating_point(rule_probs, rule_labels, sensitivity)["threshold"]
+        label, lesion = held_out["label"], held_out["seg"].mean(0) / 255.0 > 0.5
+        cancer = image_classes(label) == 2
+        truth = label[cancer] > 0
+        area = truth.reshape(len(truth), -1).mean(1)
+        covered = (lesion[cancer] & truth).reshape(len(truth), -1).sum(1) / truth.reshape(len(truth), -1).sum(1)
+        missed = held_out["cls"].mean(0)[cancer, 2] < threshold
+        report[fold] = {
+            "threshold": threshold,
+            "small_cancers": int((area < small).sum()),
+            "small_missed": int((missed & (area < small)).sum()),
+            "large_cancers": int((area >= small).sum()),
+            "large_missed": int((missed & (area >= small)).sum()),
+            "missed_not_segmented": int((missed & (covered < found)).sum()),
+        }
+    if report:
+        report["pooled"] = {key: sum(row[key] for row in report.values()) for key in next(iter(report.values()))}
+        report["pooled"].pop("threshold")
+    (Path(cv) / "misses.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
 if __name__ == "__main__":
-    fire.Fire({"zoom": zoom, "zoom_report": zoom_report, "stack": stack})
+    fire.Fire({"zoom": zoom, "zoom_report": zoom_report, "stack": stack, "misses": misses})
