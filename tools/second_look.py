@@ -31,7 +31,8 @@ import fire
 import numpy as np
 import torch
 from ablate import _parser, image_classes, load_network, malignant_operating_point, threshold_images
-from scipy import ndimage
+from monai.transforms.utils import get_largest_connected_component_mask
+from scipy.special import expit
 
 SHAPE_FEATURES = ("circularity", "solidity", "orientation", "margin_fuzziness")
 SHAPE_SIDE = 256  # the longer side at which shapes are measured, in the image's own aspect
@@ -39,11 +40,7 @@ SHAPE_SIDE = 256  # the longer side at which shapes are measured, in the image's
 
 def largest_component(lesion: np.ndarray) -> np.ndarray | None:
     """The largest 4-connected component of a boolean map, or ``None`` where the map is empty."""
-    labelled, count = ndimage.label(lesion)
-    if count == 0:
-        return None
-    sizes = ndimage.sum(lesion, labelled, range(1, count + 1))
-    return labelled == int(np.argmax(sizes)) + 1
+    return get_largest_connected_component_mask(lesion, connectivity=1) if lesion.any() else None
 
 
 def shape_features(lesion_prob: np.ndarray, image_hw: tuple[int, int], threshold: float = 0.5) -> np.ndarray:
@@ -108,7 +105,7 @@ class LogisticStacker:
         penalty = self.l2 * np.diag(np.r_[0.0, np.ones(features.shape[1])])  # the intercept is not penalised
         coef = np.zeros(design.shape[1])
         for _ in range(max_iter):
-            prob = 1.0 / (1.0 + np.exp(-design @ coef))
+            prob = expit(design @ coef)
             gradient = design.T @ (prob - target) + penalty @ coef
             hessian = (design * (prob * (1 - prob))[:, None]).T @ design + penalty
             step = np.linalg.solve(hessian, gradient)
@@ -120,7 +117,7 @@ class LogisticStacker:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability of the positive class for ``features`` ``(N, F)``."""
-        return 1.0 / (1.0 + np.exp(-self._design(features) @ self.coef))
+        return expit(self._design(features) @ self.coef)
 
 
 def restack(probs: np.ndarray, malignant_share: np.ndarray) -> np.ndarray:
