@@ -120,6 +120,11 @@ def folds(out: str = "runs/cv", folds: int = 3, seed: int = 0, datalist: str = s
     return paths
 
 
+def prediction_path(out: str, fold: int, split: str = "test") -> Path:
+    """Where :func:`predict` saves fold ``fold``'s predictions of its held-out (``test``) or ``validation`` images."""
+    return Path(out) / (f"predictions_fold{fold}.npz" if split == "test" else f"validation_fold{fold}.npz")
+
+
 def _epochs_done(log: Path) -> int:
     # a resumed run's log repeats the epochs after its last checkpoint: count each epoch once
     return len(set(EPOCH_DONE.findall(log.read_text(errors="replace")))) if log.is_file() else 0
@@ -239,7 +244,7 @@ def predict(
         ckpts = [str(run_dir / "models" / "model.pt") for _, run_dir in runs]
         outputs = predict_split_checkpoints(dataset_dir, ckpts, overrides, split, device=device)
         aug_cls, aug_label = augmented_class_probs(dataset_dir, ckpts, overrides, draws, split=split, device=device)
-        path = Path(out) / (f"predictions_fold{fold}.npz" if split == "test" else f"validation_fold{fold}.npz")
+        path = prediction_path(out, fold, split)
         np.savez_compressed(
             path,
             cls=np.stack([o["cls"] for o in outputs]),

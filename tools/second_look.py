@@ -31,6 +31,7 @@ import fire
 import numpy as np
 import torch
 from ablate import _parser, image_classes, load_network, malignant_operating_point, threshold_images
+from cross_validate import prediction_path
 from monai.transforms.utils import get_largest_connected_component_mask
 from scipy.special import expit
 
@@ -235,8 +236,7 @@ def zoom_report(cv: str = "runs/cv_lite2") -> dict:
 
 def _fold_features(dataset_dir: str, cv: str, fold: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stacker inputs, fold-ensemble class probabilities and true classes of one fold's prediction file."""
-    name = f"predictions_fold{fold}.npz" if split == "test" else f"validation_fold{fold}.npz"
-    data = np.load(Path(cv) / name)
+    data = np.load(prediction_path(cv, fold, split))
     items = json.loads((Path(cv) / f"fold{fold}.json").read_text())[split]
     lesion, probs = data["seg"].mean(0) / 255.0, data["cls"].mean(0)
     sizes = [cv2.imread(str(Path(dataset_dir) / item["image"]), cv2.IMREAD_GRAYSCALE).shape for item in items]
@@ -275,7 +275,7 @@ def stack(dataset_dir: str, cv: str = "runs/cv_lite2", l2: float = 1.0) -> dict:
     if data:
         stacker = _fit(np.concatenate([d[0] for d in data.values()]), np.concatenate([d[2] for d in data.values()]), l2)
         for fold in folds:
-            if (Path(cv) / f"validation_fold{fold}.npz").is_file():
+            if prediction_path(cv, fold, "validation").is_file():
                 features, probs, labels = _fold_features(dataset_dir, cv, fold, "validation")
                 stacked = restack(probs, stacker.predict_proba(features))
                 report["validation_D"][fold] = _difference(class_scores(stacked, labels), class_scores(probs, labels))
