@@ -33,7 +33,6 @@ import torch
 from ablate import _parser, image_classes, load_network, malignant_operating_point, threshold_images
 from cross_validate import prediction_path
 from monai.transforms.utils import get_largest_connected_component_mask
-from scipy.special import expit
 
 SHAPE_FEATURES = ("circularity", "solidity", "orientation", "margin_fuzziness")
 SHAPE_SIDE = 256  # the longer side at which shapes are measured, in the image's own aspect
@@ -87,6 +86,10 @@ def malignant_log_odds(probs: np.ndarray) -> np.ndarray:
     return np.log(probs[:, 2] + 1e-6) - np.log(probs[:, 1] + 1e-6)
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for large |x|, and no scipy (not a declared requirement)
+
+
 class LogisticStacker:
     """L2-penalised logistic regression on standardised inputs, fitted by Newton's method (no scikit-learn)."""
 
@@ -106,7 +109,7 @@ class LogisticStacker:
         penalty = self.l2 * np.diag(np.r_[0.0, np.ones(features.shape[1])])  # the intercept is not penalised
         coef = np.zeros(design.shape[1])
         for _ in range(max_iter):
-            prob = expit(design @ coef)
+            prob = _sigmoid(design @ coef)
             gradient = design.T @ (prob - target) + penalty @ coef
             hessian = (design * (prob * (1 - prob))[:, None]).T @ design + penalty
             step = np.linalg.solve(hessian, gradient)
@@ -118,7 +121,7 @@ class LogisticStacker:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Probability of the positive class for ``features`` ``(N, F)``."""
-        return expit(self._design(features) @ self.coef)
+        return _sigmoid(self._design(features) @ self.coef)
 
 
 def restack(probs: np.ndarray, malignant_share: np.ndarray) -> np.ndarray:
