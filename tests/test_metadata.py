@@ -202,8 +202,9 @@ def test_inference_and_training_build_the_same_network(config):
 
 
 def test_inference_preprocesses_images_as_training_and_validation():
-    """inference.json repeats the image steps of train.json's deterministic transforms (the Zoo's habit); they must
-    stay the same steps in the same order. Label-only steps, type conversions and the input check are left out."""
+    """inference.json repeats the image steps of train.json's deterministic transforms (its load and resize steps; the
+    Zoo's habit); they must stay the same steps in the same order. Label-only steps, type conversions and the input
+    check are left out."""
     train = load_json(BUNDLE_ROOT / "configs" / "train.json")
     inference = load_json(BUNDLE_ROOT / "configs" / "inference.json")
     skipped = ("scripts.transforms.LoadLesionLabeld", "SelectItemsd", "EnsureTyped", "Lambdad")
@@ -217,7 +218,8 @@ def test_inference_preprocesses_images_as_training_and_validation():
             if t["_target_"] not in skipped
         ]
 
-    trained_on = image_steps(train["deterministic_transforms"] + train["normalize_transforms"])
+    assert train["deterministic_transforms"] == "$@load_transforms + @resize_transforms"
+    trained_on = image_steps(train["load_transforms"] + train["resize_transforms"] + train["normalize_transforms"])
     assert [t["_target_"] for t in trained_on][-4:] == [
         "Resized", "MedianSmoothd", "ScaleIntensityRangePercentilesd", "NormalizeIntensityd"
     ]  # fmt: skip

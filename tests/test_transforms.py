@@ -16,6 +16,7 @@ from scripts.transforms import (
     LesionLabelMapd,
     LoadLesionLabeld,
     RandDepthAttenuationd,
+    RandLesionZoomd,
     RandSpeckleNoised,
     SingleChannel2Dd,
     decide_class,
@@ -218,6 +219,65 @@ def test_depth_attenuation_darkens_with_depth():
     torch.testing.assert_close(out[0, :, -1], torch.full((20,), float(np.exp(-1.0))))
     assert torch.all(out[0, 0, 1:] < out[0, 0, :-1]), "monotone in depth"
     assert torch.equal(out[0, 0], out[0, -1]), "constant across the width"
+
+
+def _coordinates(shape: tuple[int, int]) -> torch.Tensor:
+    """A ``(1, X, Y)`` image whose pixels are their own flat index, to see where a crop came from."""
+    return torch.arange(shape[0] * shape[1], dtype=torch.float32).reshape(1, *shape)
+
+
+@pytest.mark.parametrize("box", [(30, 34, 50, 57), (0, 3, 0, 4), (5, 75, 10, 20), (0, 80, 0, 120)])
+def test_lesion_zoom_keeps_the_whole_lesion_in_a_window_of_the_image_aspect(box):
+    x0, x1, y0, y1 = box
+    label = torch.zeros(1, 80, 120, dtype=torch.uint8)
+    label[0, x0:x1, y0:y1] = 2
+    image = _coordinates((80, 120))
+    zoom = RandLesionZoomd(["image", "label"], prob=1.0, margin=(1.5, 4.0), min_fraction=0.3)
+    zoom.set_random_state(0)
+    for _ in range(20):
+        out = zoom({"image": image, "label": label})
+        cropped, lesion = out["image"][0], out["label"]
+        assert int(lesion.sum()) == int(label.sum()), "every lesion pixel stays in the window"
+        rows, cols = cropped.shape
+        assert 0.3 * 80 - 1 <= rows <= 80 and 0.3 * 120 - 1 <= cols <= 120
+        assert abs(rows / cols - 80 / 120) < 0.05, "the window keeps the image's aspect"
+        first = int(cropped[0, 0])
+        window = (slice(first // 120, first // 120 + rows), slice(first % 120, first % 120 + cols))
+        assert torch.equal(cropped, image[0][window]), "image and label are cut from the same window"
+        assert torch.equal(lesion[0].bool(), (label[0] > 0)[window])
+    if (x1 - x0, y1 - y0) == (80, 120):
+        assert out["image"].shape == image.shape, "a lesion filling the image leaves nothing to zoom"
+
+
+def test_lesion_zoom_varies_the_window_of_normal_images_and_is_seeded():
+    label, image = torch.zeros(1, 60, 90, dtype=torch.uint8), _coordinates((60, 90))
+    zoom = RandLesionZoomd(["image", "label"], prob=1.0, min_fraction=0.4)
+    zoom.set_random_state(1)
+    shapes = [tuple(zoom({"image": image, "label": label})["image"].shape) for _ in range(30)]
+    assert len(set(shapes)) > 5, "random window sides"
+    assert all(24 - 1 <= rows <= 60 and abs(rows / cols - 60 / 90) < 0.05 for _, rows, cols in shapes)
+    assert int(zoom({"image": image, "label": label})["label"].sum()) == 0
+    zoom.set_random_state(1)
+    assert [tuple(zoom({"image": image, "label": label})["image"].shape) for _ in range(30)] == shapes
+    untouched = RandLesionZoomd(["image", "label"], prob=0.0)({"image": image, "label": label})
+    assert untouched["image"] is image and untouched["label"] is label
+    with pytest.raises(ValueError, match="min_fraction"):
+        RandLesionZoomd("image", min_fraction=0.0)
+    with pytest.raises(ValueError, match="margin"):
+        RandLesionZoomd("image", margin=(0.5, 2.0))
+
+
+@pytest.mark.parametrize("lesion_zoom_prob", [0.0, 0.3])
+def test_training_zooms_before_resizing_and_only_when_asked(lesion_zoom_prob):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser["lesion_zoom_prob"] = lesion_zoom_prob
+    names = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
+    assert names.index("Resized") < names.index("RandAffined")
+    if lesion_zoom_prob:
+        assert names.index("RandLesionZoomd") == names.index("Resized") - 1
+    else:
+        assert "RandLesionZoomd" not in names, "off: the resized images are cached as before"
 
 
 @pytest.mark.parametrize(

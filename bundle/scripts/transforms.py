@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImage, MapTransform, RandomizableTransform
+from monai.transforms import LoadImage, MapTransform, RandomizableTransform, SpatialCrop
 from monai.utils import convert_to_tensor
 
 from .common import CLASS_NAMES, LESION_COLOURS
@@ -19,7 +19,8 @@ from .reliability import STATUS_OK, reliability_fields
 
 __all__ = [
     "pil_to_supported_mode", "to_single_channel_2d", "SingleChannel2Dd", "LoadLesionLabeld", "RandSpeckleNoised",
-    "RandDepthAttenuationd", "decide_class", "LesionLabelMapd", "class_from_label_map", "MonaiLabelOutputd",
+    "RandDepthAttenuationd", "RandLesionZoomd", "decide_class", "LesionLabelMapd", "class_from_label_map",
+    "MonaiLabelOutputd",
 ]
 
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
@@ -219,6 +220,72 @@ class RandDepthAttenuationd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             depth = torch.linspace(0.0, 1.0, d[key].shape[-1], dtype=torch.float32)
             d[key] = d[key] * torch.exp(-a * depth)
+        return d
+
+
+class RandLesionZoomd(RandomizableTransform, MapTransform):
+    """Crop a window around the lesion so that a later resize shows it larger: at the network's input size small
+    lesions keep few pixels, and their margins tell benign from malignant.
+
+    The window has the image's aspect (the resize that follows squashes it as it squashes the whole image), spans
+    ``margin`` times the lesion's bounding box on its longer relative side, at least ``min_fraction`` of the image
+    side, and lies at a random place that keeps the whole lesion (every labelled pixel) inside. An image with an
+    empty label gets a window of a random side in ``[min_fraction, 1]`` at a random place, so that zooming in does
+    not mean "lesion".
+
+    Args:
+        keys: keys of ``(C, X, Y)`` images and labels cropped alike.
+        label_key: key of the label map whose non-zero pixels are the lesion.
+        prob: probability of cropping.
+        margin: range the window side over the lesion's box side is drawn from (1 touches the lesion).
+        min_fraction: smallest window side, as a fraction of the image side.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        prob: float = 0.3,
+        margin: Sequence[float] = (1.5, 4.0),
+        min_fraction: float = 0.3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 < min_fraction <= 1.0 or min(margin) < 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1] and margin at least 1, got {min_fraction} and {margin}.")
+        self.label_key, self.margin, self.min_fraction = label_key, margin, min_fraction
+
+    def window(self, label: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Draw the crop window ``(start, end)`` for one ``(C, X, Y)`` label map."""
+        size = label.shape[1:]
+        found = torch.nonzero(torch.as_tensor(label).reshape(-1, *size).amax(0) > 0)
+        if len(found):
+            low, high = found.amin(0).tolist(), (found.amax(0) + 1).tolist()
+            box_fraction = max((h - lo) / s for lo, h, s in zip(low, high, size))
+            fraction = box_fraction * self.R.uniform(*self.margin)
+        else:
+            low, high = [s for s in size], [0 for _ in size]
+            fraction = self.R.uniform(self.min_fraction, 1.0)
+        fraction = min(max(fraction, self.min_fraction), 1.0)
+        start, end = [], []
+        for lo, hi, s in zip(low, high, size):
+            side = max(min(int(round(fraction * s)), s), hi - lo)
+            first = self.R.randint(max(0, hi - side), min(lo, s - side) + 1)
+            start.append(first)
+            end.append(first + side)
+        return start, end
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        start, end = self.window(d[self.label_key])
+        crop = SpatialCrop(roi_start=start, roi_end=end)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
         return d
 
 
