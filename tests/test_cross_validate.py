@@ -197,3 +197,10 @@ def test_compare_scores_the_candidate_ensemble_against_the_reference_on_shared_f
         cross_validate.compare(str(candidate), str(reference))
     with pytest.raises(FileNotFoundError, match="run 'predict' first"):
         cross_validate.compare(str(candidate), str(tmp_path))
+    # the validation images that chose the checkpoints, kept apart from the held-out ones
+    _predictions(candidate / "validation_fold1.npz", np.stack([right, right]), [0.7, 0.7])
+    _predictions(reference / "validation_fold1.npz", np.stack([wrong, wrong]), [0.7, 0.7])
+    validation = cross_validate.compare(str(candidate), str(reference), split="validation")
+    assert validation["folds"] == ["fold1"] and validation["mean"]["accuracy"] == pytest.approx(1.0)
+    assert json.loads((candidate / "compare_validation.json").read_text())["folds"] == ["fold1"]
+    assert json.loads((candidate / "compare.json").read_text())["folds"] == ["fold0", "fold1"]

@@ -16,7 +16,8 @@ whatever it picked. This tool makes fresh held-out data from the training split 
 5. ``thresholds`` (after ``predict --split validation``): whether a malignant threshold chosen on the validation
    split, as ``tools/calibrate.py`` chooses it, or on its augmented draws keeps its recall on the held-out folds.
 6. ``compare``: two recipes cross-validated on the same folds (two ``--out`` folders, e.g. another encoder through
-   ``--extra``): per fold and averaged, the candidate's ensemble minus the reference's on the held-out images.
+   ``--extra``): per fold and averaged, the candidate's ensemble minus the reference's on the held-out images
+   (``--split validation``: on the validation images that chose the checkpoints).
 
 Usage::
 
@@ -338,21 +339,23 @@ def report(out: str = "runs/cv", members: int = 3) -> str:
     return "\n".join(lines)
 
 
-def compare(candidate: str, reference: str, seeds: int | None = None) -> dict:
+def compare(candidate: str, reference: str, seeds: int | None = None, split: str = "test") -> dict:
     """Two recipes on the same held-out folds: for every fold that both folders predicted, the candidate's ensemble
     (mean probabilities of its seeds) minus the reference's, per score; and the mean over those folds. Saved as
-    ``compare.json`` in ``candidate``.
+    ``compare.json`` (``compare_validation.json`` for ``split`` ``validation``) in ``candidate``.
 
     Args:
         candidate: ``--out`` folder of the recipe under test.
         reference: ``--out`` folder of the recipe it is compared with, cross-validated on the same folds.
         seeds: use only the seeds below this number in both (``None``: every predicted seed).
+        split: the fold models' held-out images (``test``) or the ``validation`` images that chose their checkpoints.
 
     Returns:
         ``{"fold<k>": {score: difference}, "mean": {score: difference}, "folds": [k, ...]}``.
     """
     differences: dict[str, dict] = {}
-    for path in sorted(Path(candidate).glob("predictions_fold*.npz")):
+    prefix = prediction_path(candidate, 0, split).name.removesuffix("0.npz")
+    for path in sorted(Path(candidate).glob(f"{prefix}*.npz")):
         other = Path(reference) / path.name
         if not other.is_file():
             continue
@@ -363,14 +366,15 @@ def compare(candidate: str, reference: str, seeds: int | None = None) -> dict:
         if not all(keep.any() for keep in keeps):
             raise ValueError(f"{path.name}: no seed below {seeds} in one of the two folders")
         scores = [_ensemble_scores(data, keep) for data, keep in zip(pair, keeps)]
-        fold = path.stem.removeprefix("predictions_")
+        fold = path.stem.removeprefix(prefix.removesuffix("fold"))
         differences[fold] = {key: scores[0][key] - scores[1][key] for key in scores[0]}
     if not differences:
-        raise FileNotFoundError(f"no predictions_fold*.npz in both {candidate} and {reference}: run 'predict' first")
+        raise FileNotFoundError(f"no {prefix}*.npz in both {candidate} and {reference}: run 'predict' first")
     per_fold = list(differences.values())
     result = {**differences, "mean": {k: float(np.mean([d[k] for d in per_fold])) for k in per_fold[0]},
               "folds": sorted(differences)}  # fmt: skip
-    (Path(candidate) / "compare.json").write_text(json.dumps(result, indent=1))
+    name = "compare.json" if split == "test" else f"compare_{split}.json"
+    (Path(candidate) / name).write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -190,8 +190,10 @@ def zoom(
 
     datalist = str((Path(cv) / f"fold{fold}.json").resolve())
     parser = _parser(dataset_dir, {**(extra or {}), "datalist": datalist, "validate#split": split, "amp": False})
-    steps = parser.get_parsed_content("deterministic_transforms") + parser.get_parsed_content("normalize_transforms")
-    load, to_network = Compose(steps[:4]), Compose(steps[4:])  # up to the resize: the original pixels
+    load = Compose(parser.get_parsed_content("load_transforms"))  # up to the resize: the original pixels
+    to_network = Compose(
+        parser.get_parsed_content("resize_transforms") + parser.get_parsed_content("normalize_transforms")
+    )
     networks = [
         load_network(parser, str(Path(cv) / f"fold{fold}_seed{seed}" / "models" / "model.pt")).eval()
         for seed in range(seeds)
