@@ -22,8 +22,9 @@ names each missing piece. Nothing is patched in: the bundle is served exactly as
    replaced ``train#dataset#data``), and both ``run`` and its copy ``training`` (``%run``), which trained twice.
    The datalists become callables (``_mode_: callable``) that the datasets call, so nothing reads the dataset
    folder unless a dataset uses them, and ``training`` refers to ``run`` (``@run``) instead of copying it.
-5. Mixed formats in one batch (``train.json`` ``deterministic_transforms``): images and labels saved through
-   MONAI Label come as PNG/JPG and as single-slice NIfTI/NRRD (what Slicer uploads and saves); their readers
+5. Mixed formats in one batch (``train.json`` ``deterministic_transforms``, or the lists its expression joins):
+   images and labels saved through MONAI Label come as PNG/JPG and as single-slice NIfTI/NRRD (what Slicer uploads
+   and saves); their readers
    leave different metadata on the MetaTensors (2 or 3 spatial dimensions, NIfTI header fields), and batching
    them fails with "stack expects each tensor to be equal size ... Collate error on the key 'image'". A last
    deterministic transform keeps only the file name in the metadata (all that training and evaluation read).
@@ -114,10 +115,19 @@ def _missing_in_train(train: dict) -> list[str]:
     if "training" in train and train["training"] != TRAINING_ALIAS:
         needed.append(f'configs/train.json: training = "{TRAINING_ALIAS}"')
     steps = [{k: v for k, v in step.items() if k != "_desc_"} if isinstance(step, dict) else step
-             for step in train.get("deterministic_transforms", [])]  # fmt: skip
+             for step in _deterministic_steps(train)]  # fmt: skip
     if COMMON_META_ENTRY not in steps:
         needed.append("configs/train.json: deterministic_transforms ends with a Lambdad keeping only filename_or_obj")
     return needed
+
+
+def _deterministic_steps(train: dict) -> list:
+    """``deterministic_transforms`` of ``train.json``: a list, or an expression joining the lists it names
+    (``"$@load_transforms + @resize_transforms"``)."""
+    steps = train.get("deterministic_transforms", [])
+    if isinstance(steps, str):
+        return [step for name in re.findall(r"@([\w#]+)", steps) for step in train.get(name, [])]
+    return steps
 
 
 def check(bundle: str | Path) -> None:
