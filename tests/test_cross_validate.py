@@ -129,6 +129,9 @@ def test_train_deadline_stops_the_highest_seed_and_marks_finished_runs(cross_val
     # a second call trains only what is not finished: the two stopped runs
     cross_validate.train("unused", out=str(tmp_path), seeds=4, parallel=8, extra={"max_epochs": 10})
     assert len(list(tmp_path.glob("fold*_seed*/finished"))) == 8
+    # fresh seeds for a replication: seeds 5 and 6 of fold 1 only
+    cross_validate.train("unused", out=str(tmp_path), seeds=2, first_seed=5, fold=1, extra={"max_epochs": 10})
+    assert sorted(p.parent.name for p in tmp_path.glob("fold*_seed[56]/finished")) == ["fold1_seed5", "fold1_seed6"]
 
 
 def test_epochs_done_counts_an_epoch_repeated_after_a_resume_once(cross_validate, tmp_path):

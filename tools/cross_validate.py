@@ -136,9 +136,10 @@ def best_val_score(run_dir: Path) -> float:
     return max(float(v) for v in VAL_SCORE.findall((run_dir / "train.log").read_text(errors="replace")))
 
 
-def _runs(out: str, seeds: int) -> list[tuple[int, int, Path]]:
+def _runs(out: str, seeds: int, first_seed: int = 0) -> list[tuple[int, int, Path]]:
     fold_files = sorted(Path(out).glob("fold*.json"), key=lambda p: int(p.stem[4:]))
-    return [(int(f.stem[4:]), s, Path(out) / f"{f.stem}_seed{s}") for f in fold_files for s in range(seeds)]
+    seed_range = range(first_seed, first_seed + seeds)
+    return [(int(f.stem[4:]), s, Path(out) / f"{f.stem}_seed{s}") for f in fold_files for s in seed_range]
 
 
 def train(
@@ -152,6 +153,7 @@ def train(
     min_folds: int = 2,
     extra: dict | None = None,
     fold: int | list[int] | None = None,
+    first_seed: int = 0,
 ) -> None:
     """Train every (fold, seed) run (only those of ``fold`` if given), each in its own process; a finished run (its
     ``finished`` file, written when the training exits cleanly) is not run again, an interrupted one resumes from its
@@ -170,9 +172,11 @@ def train(
         min_folds: folds kept whatever the deadline.
         extra: train.json overrides for every run (e.g. ``{"amp": false}``).
         fold: train the runs of this fold (or these folds) only.
+        first_seed: seeds ``first_seed`` .. ``first_seed + seeds`` - 1 instead (fresh seeds for a replication).
     """
     wanted = None if fold is None else set(np.atleast_1d(fold).tolist())
-    jobs = [(f, seed, run_dir) for f, seed, run_dir in _runs(out, seeds) if wanted is None or f in wanted]
+    runs = _runs(out, seeds, first_seed)
+    jobs = [(f, seed, run_dir) for f, seed, run_dir in runs if wanted is None or f in wanted]
     jobs = [job for job in jobs if not (job[2] / "finished").is_file()]
     max_epochs = int((extra or {}).get("max_epochs", 80))
     pool, fold_seed, reference = TrainingPool(dataset_dir, parallel, threads), {}, None
@@ -225,6 +229,7 @@ def predict(
     extra: dict | None = None,
     fold: int | None = None,
     split: str = "test",
+    first_seed: int = 0,
 ) -> None:
     """Predict each fold's held-out images (only fold ``fold`` if given) with the best checkpoint of each of its
     finished seeds; with ``split="validation"``, the validation images instead (what the fold's models chose their
@@ -232,12 +237,13 @@ def predict(
 
     Saves ``predictions_fold{k}.npz`` (``validation_fold{k}.npz`` for the validation split): ``cls`` ``(S, N, 3)``,
     ``seg`` lesion probabilities ``(S, N, H, W)`` as uint8 (x 255), ``label`` ``(N, H, W)``, ``augmented_cls``
-    ``(S, draws * N, 3)`` with ``augmented_label``, ``val_score`` ``(S,)`` and ``seeds``.
+    ``(S, draws * N, 3)`` with ``augmented_label``, ``val_score`` ``(S,)`` and ``seeds``. Seeds ``first_seed`` ..
+    ``first_seed + seeds`` - 1 are used.
     """
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' (the held-out fold) or 'validation', got {split!r}.")
     by_fold: dict[int, list[tuple[int, Path]]] = {}
-    for run_fold, seed, run_dir in _runs(out, seeds):
+    for run_fold, seed, run_dir in _runs(out, seeds, first_seed):
         if (run_dir / "finished").is_file() and fold in (None, run_fold):
             by_fold.setdefault(run_fold, []).append((seed, run_dir))
     for fold, runs in sorted(by_fold.items()):
