@@ -24,10 +24,10 @@ names each missing piece. Nothing is patched in: the bundle is served exactly as
    folder unless a dataset uses them, and ``training`` refers to ``run`` (``@run``) instead of copying it.
 5. Mixed formats in one batch (``train.json`` ``deterministic_transforms``, or the lists its expression joins):
    images and labels saved through MONAI Label come as PNG/JPG and as single-slice NIfTI/NRRD (what Slicer uploads
-   and saves); their readers
-   leave different metadata on the MetaTensors (2 or 3 spatial dimensions, NIfTI header fields), and batching
-   them fails with "stack expects each tensor to be equal size ... Collate error on the key 'image'". A last
-   deterministic transform keeps only the file name in the metadata (all that training and evaluation read).
+   and saves); their readers leave different metadata on the MetaTensors (2 or 3 spatial dimensions, NIfTI header
+   fields), and batching them fails with "stack expects each tensor to be equal size ... Collate error on the key
+   'image'". A last deterministic transform keeps only the file name in the metadata (all that training and
+   evaluation read).
 """
 
 from __future__ import annotations

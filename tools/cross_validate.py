@@ -360,8 +360,8 @@ def compare(candidate: str, reference: str, seeds: int | None = None, split: str
         ``{"fold<k>": {score: difference}, "mean": {score: difference}, "folds": [k, ...]}``.
     """
     differences: dict[str, dict] = {}
-    prefix = prediction_path(candidate, 0, split).name.removesuffix("0.npz")
-    for path in sorted(Path(candidate).glob(f"{prefix}*.npz")):
+    pattern = prediction_path(candidate, 0, split).name.replace("fold0", "fold*")
+    for path in sorted(Path(candidate).glob(pattern)):
         other = Path(reference) / path.name
         if not other.is_file():
             continue
@@ -372,10 +372,10 @@ def compare(candidate: str, reference: str, seeds: int | None = None, split: str
         if not all(keep.any() for keep in keeps):
             raise ValueError(f"{path.name}: no seed below {seeds} in one of the two folders")
         scores = [_ensemble_scores(data, keep) for data, keep in zip(pair, keeps)]
-        fold = path.stem.removeprefix(prefix.removesuffix("fold"))
+        fold = re.search(r"fold\d+$", path.stem).group()
         differences[fold] = {key: scores[0][key] - scores[1][key] for key in scores[0]}
     if not differences:
-        raise FileNotFoundError(f"no {prefix}*.npz in both {candidate} and {reference}: run 'predict' first")
+        raise FileNotFoundError(f"no {pattern} in both {candidate} and {reference}: run 'predict' first")
     per_fold = list(differences.values())
     result = {**differences, "mean": {k: float(np.mean([d[k] for d in per_fold])) for k in per_fold[0]},
               "folds": sorted(differences)}  # fmt: skip

@@ -12,6 +12,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform, RandomizableTransform, SpatialCrop
+from monai.transforms.utils import generate_spatial_bounding_box
 from monai.utils import convert_to_tensor
 
 from .common import CLASS_NAMES, LESION_COLOURS
@@ -260,18 +261,17 @@ class RandLesionZoomd(RandomizableTransform, MapTransform):
     def window(self, label: torch.Tensor) -> tuple[list[int], list[int]]:
         """Draw the crop window ``(start, end)`` for one ``(C, X, Y)`` label map."""
         size = label.shape[1:]
-        found = torch.nonzero(torch.as_tensor(label).reshape(-1, *size).amax(0) > 0)
-        if len(found):
-            low, high = found.amin(0).tolist(), (found.amax(0) + 1).tolist()
+        low, high = generate_spatial_bounding_box(label)
+        if any(h > lo for lo, h in zip(low, high)):
             box_fraction = max((h - lo) / s for lo, h, s in zip(low, high, size))
             fraction = box_fraction * self.R.uniform(*self.margin)
-        else:
-            low, high = [s for s in size], [0 for _ in size]
+        else:  # an empty box from the far corner to the origin: every window position keeps it inside
+            low, high = list(size), [0] * len(size)
             fraction = self.R.uniform(self.min_fraction, 1.0)
         fraction = min(max(fraction, self.min_fraction), 1.0)
         start, end = [], []
         for lo, hi, s in zip(low, high, size):
-            side = max(min(int(round(fraction * s)), s), hi - lo)
+            side = max(int(round(fraction * s)), hi - lo)
             first = self.R.randint(max(0, hi - side), min(lo, s - side) + 1)
             start.append(first)
             end.append(first + side)
