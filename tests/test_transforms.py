@@ -16,6 +16,7 @@ from scripts.transforms import (
     LesionLabelMapd,
     LoadLesionLabeld,
     RandDepthAttenuationd,
+    RandLesionFreeCropd,
     RandLesionZoomd,
     RandSpeckleNoised,
     SingleChannel2Dd,
@@ -226,6 +227,12 @@ def _coordinates(shape: tuple[int, int]) -> torch.Tensor:
     return torch.arange(shape[0] * shape[1], dtype=torch.float32).reshape(1, *shape)
 
 
+def _source_window(cropped: torch.Tensor, width: int) -> tuple[slice, slice]:
+    """Where a crop ``(X', Y')`` of :func:`_coordinates` of ``width`` columns was cut from."""
+    first, (rows, cols) = int(cropped[0, 0]), cropped.shape
+    return slice(first // width, first // width + rows), slice(first % width, first % width + cols)
+
+
 @pytest.mark.parametrize("box", [(30, 34, 50, 57), (0, 3, 0, 4), (5, 75, 10, 20), (0, 80, 0, 120)])
 def test_lesion_zoom_keeps_the_whole_lesion_in_a_window_of_the_image_aspect(box):
     x0, x1, y0, y1 = box
@@ -241,8 +248,7 @@ def test_lesion_zoom_keeps_the_whole_lesion_in_a_window_of_the_image_aspect(box)
         rows, cols = cropped.shape
         assert 0.3 * 80 - 1 <= rows <= 80 and 0.3 * 120 - 1 <= cols <= 120
         assert abs(rows / cols - 80 / 120) < 0.05, "the window keeps the image's aspect"
-        first = int(cropped[0, 0])
-        window = (slice(first // 120, first // 120 + rows), slice(first % 120, first % 120 + cols))
+        window = _source_window(cropped, 120)
         assert torch.equal(cropped, image[0][window]), "image and label are cut from the same window"
         assert torch.equal(lesion[0].bool(), (label[0] > 0)[window])
     if (x1 - x0, y1 - y0) == (80, 120):
@@ -267,17 +273,67 @@ def test_lesion_zoom_varies_the_window_of_normal_images_and_is_seeded():
         RandLesionZoomd("image", margin=(0.5, 2.0))
 
 
-@pytest.mark.parametrize("lesion_zoom_prob", [0.0, 0.3])
-def test_training_zooms_before_resizing_and_only_when_asked(lesion_zoom_prob):
+@pytest.mark.parametrize("box", [(30, 40, 20, 30), (0, 6, 0, 8), (60, 80, 100, 120), (35, 45, 0, 5)])
+def test_lesion_free_crop_keeps_clear_of_the_lesion_and_what_lies_deeper(box):
+    x0, x1, y0, y1 = box
+    label = torch.zeros(1, 80, 120, dtype=torch.uint8)
+    label[0, x0:x1, y0:y1] = 1
+    image = _coordinates((80, 120))
+    crop = RandLesionFreeCropd(["image", "label"], prob=1.0, min_fraction=0.25, max_fraction=0.5, gap=0.5, tries=30)
+    crop.set_random_state(0)
+    widen_x, widen_y = round(0.5 * (x1 - x0)), round(0.5 * (y1 - y0))
+    keep_out = torch.zeros(80, 120, dtype=torch.bool)
+    keep_out[max(x0 - widen_x, 0) : x1 + widen_x, max(y0 - widen_y, 0) :] = True  # widened, and deeper to the end
+    cropped_count = 0
+    for _ in range(20):
+        out = crop({"image": image, "label": label})
+        if out["image"].shape == image.shape:
+            continue
+        cropped_count += 1
+        cropped = out["image"][0]
+        rows, cols = cropped.shape
+        assert 0.25 * 80 - 1 <= rows <= 0.5 * 80 + 1 and abs(rows / cols - 80 / 120) < 0.05
+        window = _source_window(cropped, 120)
+        assert torch.equal(cropped, image[0][window]), "image and label are cut from the same window"
+        assert int(out["label"].sum()) == 0, "the window shows no lesion, so the image counts as normal"
+        assert not keep_out[window].any(), "nor the lesion's surroundings or its posterior region"
+    assert cropped_count > 5, "there is room beside or above each of these lesions"
+
+
+def test_lesion_free_crop_leaves_an_image_whole_where_no_window_fits_and_crops_normal_images_at_random():
+    label, image = torch.zeros(1, 60, 90, dtype=torch.uint8), _coordinates((60, 90))
+    crop = RandLesionFreeCropd(["image", "label"], prob=1.0, min_fraction=0.3, max_fraction=0.6)
+    crop.set_random_state(1)
+    shapes = [tuple(crop({"image": image, "label": label})["image"].shape) for _ in range(30)]
+    assert len(set(shapes)) > 5 and all(18 - 1 <= rows <= 36 + 1 for _, rows, _ in shapes)
+    crop.set_random_state(1)
+    assert [tuple(crop({"image": image, "label": label})["image"].shape) for _ in range(30)] == shapes, "seeded"
+    label[0, 20:40, 2:10] = 2  # near the top and wide: neither beside it nor above it is there room
+    out = crop({"image": image, "label": label})
+    assert out["image"] is image and out["label"] is label, "no room: the lesion image stays as it is"
+    untouched = RandLesionFreeCropd(["image", "label"], prob=0.0)({"image": image, "label": torch.zeros_like(label)})
+    assert untouched["image"] is image
+    for bad in ({"min_fraction": 0.0}, {"min_fraction": 0.7, "max_fraction": 0.5}, {"gap": -0.1}, {"tries": 0}):
+        with pytest.raises(ValueError, match="min_fraction"):
+            RandLesionFreeCropd("image", **bad)
+
+
+@pytest.mark.parametrize("lesion_zoom_prob, lesion_free_crop_prob", [(0.0, 0.0), (0.3, 0.0), (0.0, 0.3), (0.3, 0.3)])
+def test_training_crops_windows_before_resizing_and_only_when_asked(lesion_zoom_prob, lesion_free_crop_prob):
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     parser["lesion_zoom_prob"] = lesion_zoom_prob
+    parser["lesion_free_crop_prob"] = lesion_free_crop_prob
     names = [type(t).__name__ for t in parser.get_parsed_content("train#preprocessing").transforms]
     assert names.index("Resized") < names.index("RandAffined")
-    if lesion_zoom_prob:
+    if lesion_zoom_prob or lesion_free_crop_prob:
         assert names.index("RandLesionZoomd") == names.index("Resized") - 1
     else:
         assert "RandLesionZoomd" not in names, "off: the resized images are cached as before"
+    if lesion_free_crop_prob:
+        assert names.index("RandLesionFreeCropd") == names.index("RandLesionZoomd") - 1, "free window, then zoom"
+    else:
+        assert "RandLesionFreeCropd" not in names, "off: the lesion-zoom recipe is unchanged, random streams included"
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,8 @@ from .reliability import STATUS_OK, reliability_fields
 
 __all__ = [
     "pil_to_supported_mode", "to_single_channel_2d", "SingleChannel2Dd", "LoadLesionLabeld", "RandSpeckleNoised",
-    "RandDepthAttenuationd", "RandLesionZoomd", "decide_class", "LesionLabelMapd", "class_from_label_map",
-    "MonaiLabelOutputd",
+    "RandDepthAttenuationd", "RandLesionZoomd", "RandLesionFreeCropd", "decide_class", "LesionLabelMapd",
+    "class_from_label_map", "MonaiLabelOutputd",
 ]
 
 LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
@@ -284,6 +284,92 @@ class RandLesionZoomd(RandomizableTransform, MapTransform):
             return d
         start, end = self.window(d[self.label_key])
         crop = SpatialCrop(roi_start=start, roi_end=end)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return d
+
+
+class RandLesionFreeCropd(RandomizableTransform, MapTransform):
+    """Crop a window that shows no lesion, so that an image with a lesion also lends normal tissue: BUSI has about
+    130 normal images, too few for the network to learn what normal breast tissue looks like on other images.
+
+    The window has the image's aspect and a side drawn from ``[min_fraction, max_fraction]`` of the image side. On a
+    lesion image it keeps clear of the lesion's bounding box widened by ``gap`` times the box on each side and of
+    everything deeper than the lesion (its posterior shadowing or enhancement belongs to it); its label map is then
+    empty, so the image counts as normal. Up to ``tries`` random places are tried; where none fits, the image is left
+    whole. An image with an empty label gets a window of the same size distribution, so that the window's scale
+    carries no class.
+
+    Args:
+        keys: keys of ``(C, X, Y)`` images and labels cropped alike.
+        label_key: key of the label map whose non-zero pixels are the lesion.
+        prob: probability of cropping.
+        min_fraction: smallest window side, as a fraction of the image side.
+        max_fraction: largest window side, as a fraction of the image side.
+        gap: clearance around the lesion's box, as a fraction of the box's side.
+        depth_axis: spatial axis that runs away from the probe (1 for images loaded by MONAI's ``PILReader``, whose
+            first spatial axis is the image width).
+        tries: random window places tried per image.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_key: str = "label",
+        prob: float = 0.2,
+        min_fraction: float = 0.3,
+        max_fraction: float = 0.6,
+        gap: float = 0.25,
+        depth_axis: int = 1,
+        tries: int = 10,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if not 0.0 < min_fraction <= max_fraction <= 1.0 or gap < 0.0 or tries < 1:
+            raise ValueError(
+                f"need 0 < min_fraction <= max_fraction <= 1, gap >= 0 and tries >= 1, got {min_fraction}, "
+                f"{max_fraction}, {gap} and {tries}."
+            )
+        self.label_key, self.min_fraction, self.max_fraction = label_key, min_fraction, max_fraction
+        self.gap, self.depth_axis, self.tries = gap, depth_axis, tries
+
+    def _keep_out(self, label: torch.Tensor) -> tuple[list[int], list[int]] | None:
+        """The region a window must not touch, ``(start, end)`` per spatial axis; ``None`` for an empty label."""
+        size = label.shape[1:]
+        low, high = generate_spatial_bounding_box(label)
+        if not all(h > lo for lo, h in zip(low, high)):
+            return None
+        start, end = [], []
+        for axis, (lo, hi, s) in enumerate(zip(low, high, size)):
+            widen = int(round(self.gap * (hi - lo)))
+            start.append(max(lo - widen, 0))
+            end.append(s if axis == self.depth_axis else min(hi + widen, s))
+        return start, end
+
+    def window(self, label: torch.Tensor) -> tuple[list[int], list[int]] | None:
+        """Draw a lesion-free crop window ``(start, end)`` for one ``(C, X, Y)`` label map; ``None`` if none fits."""
+        size = label.shape[1:]
+        keep_out = self._keep_out(label)
+        for _ in range(self.tries):
+            fraction = self.R.uniform(self.min_fraction, self.max_fraction)
+            sides = [max(int(round(fraction * s)), 1) for s in size]
+            start = [self.R.randint(0, s - side + 1) for s, side in zip(size, sides)]
+            end = [first + side for first, side in zip(start, sides)]
+            if keep_out is None or any(e <= k0 or b >= k1 for b, e, k0, k1 in zip(start, end, *keep_out)):
+                return start, end
+        return None
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        window = self.window(d[self.label_key])
+        if window is None:
+            return d
+        crop = SpatialCrop(roi_start=window[0], roi_end=window[1])
         for key in self.key_iterator(d):
             d[key] = crop(d[key])
         return d
