@@ -224,7 +224,31 @@ class RandDepthAttenuationd(RandomizableTransform, MapTransform):
         return d
 
 
-class RandLesionZoomd(RandomizableTransform, MapTransform):
+class _RandWindowCropd(RandomizableTransform, MapTransform):
+    """Base of the random crops that draw their window from the label map: with probability ``prob``, cut every key
+    to :py:meth:`window` (``None``: leave the data whole)."""
+
+    label_key: str
+
+    def window(self, label: torch.Tensor) -> tuple[list[int], list[int]] | None:
+        """The crop window ``(start, end)`` per spatial axis for one ``(C, X, Y)`` label map, or ``None``."""
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        window = self.window(d[self.label_key])
+        if window is None:
+            return d
+        crop = SpatialCrop(roi_start=window[0], roi_end=window[1])
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return d
+
+
+class RandLesionZoomd(_RandWindowCropd):
     """Crop a window around the lesion so that a later resize shows it larger: at the network's input size small
     lesions keep few pixels, and their margins tell benign from malignant.
 
@@ -277,19 +301,8 @@ class RandLesionZoomd(RandomizableTransform, MapTransform):
             end.append(first + side)
         return start, end
 
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        start, end = self.window(d[self.label_key])
-        crop = SpatialCrop(roi_start=start, roi_end=end)
-        for key in self.key_iterator(d):
-            d[key] = crop(d[key])
-        return d
 
-
-class RandLesionFreeCropd(RandomizableTransform, MapTransform):
+class RandLesionFreeCropd(_RandWindowCropd):
     """Crop a window that shows no lesion, so that an image with a lesion also lends normal tissue: BUSI has about
     130 normal images, too few for the network to learn what normal breast tissue looks like on other images.
 
@@ -360,19 +373,6 @@ class RandLesionFreeCropd(RandomizableTransform, MapTransform):
             if keep_out is None or any(e <= k0 or b >= k1 for b, e, k0, k1 in zip(start, end, *keep_out)):
                 return start, end
         return None
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        window = self.window(d[self.label_key])
-        if window is None:
-            return d
-        crop = SpatialCrop(roi_start=window[0], roi_end=window[1])
-        for key in self.key_iterator(d):
-            d[key] = crop(d[key])
-        return d
 
 
 def decide_class(
