@@ -207,3 +207,24 @@ def test_compare_scores_the_candidate_ensemble_against_the_reference_on_shared_f
     assert validation["folds"] == ["fold1"] and validation["mean"]["accuracy"] == pytest.approx(1.0)
     assert json.loads((candidate / "compare_validation.json").read_text())["folds"] == ["fold1"]
     assert json.loads((candidate / "compare.json").read_text())["folds"] == ["fold0", "fold1"]
+
+
+def test_cleanup_scores_the_largest_component_and_filled_holes_against_the_plain_maps(cross_validate, tmp_path):
+    right = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.9 + 0.1 / 3
+    _predictions(tmp_path / "predictions_fold0.npz", np.stack([right]), [0.7])
+    data = dict(np.load(tmp_path / "predictions_fold0.npz"))
+    label = np.zeros((6, 8, 8), np.uint8)
+    label[2:, 1:6, 1:6] = np.array([1, 1, 2, 2])[:, None, None]  # a 5 x 5 lesion on each lesion image
+    seg = (label > 0).astype(np.uint8) * 255
+    seg[2, 3, 3] = 0  # a hole in the lesion
+    seg[3, 7, 7] = 255  # a speck apart from it
+    seg[0, 7, 7] = 255  # a speck on a normal image, called normal, so its shipped map is empty anyway
+    np.savez(tmp_path / "predictions_fold0.npz", **{**data, "label": label, "seg": seg[None]})
+    result = cross_validate.cleanup(out=str(tmp_path))
+    hole_dice, speck_dice = 2 * 24 / (24 + 25), 2 * 25 / (26 + 25)
+    plain = (hole_dice + speck_dice + 2) / 4
+    assert result["largest_component"]["fold0"]["dice"] == pytest.approx((hole_dice + 3) / 4 - plain)
+    assert result["largest_component_filled"]["mean"]["dice"] == pytest.approx(1.0 - plain)
+    assert json.loads((tmp_path / "cleanup.json").read_text())["largest_component"]["mean"]["iou"] > 0
+    with pytest.raises(FileNotFoundError, match="run 'predict' first"):
+        cross_validate.cleanup(out=str(tmp_path), split="validation")

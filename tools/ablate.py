@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Sequence
+from typing import IO, Callable, Sequence
 
 import fire
 import numpy as np
@@ -271,6 +271,7 @@ def score(
     normal_threshold: float | None = None,
     lesion_threshold: float = 0.5,
     malignant_threshold: float | None = None,
+    map_cleanup: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Validation scores of predicted probabilities (see the module docstring).
 
@@ -281,6 +282,8 @@ def score(
         lesion_threshold: a pixel is lesion where its lesion probability exceeds this.
         malignant_threshold: call an image malignant where ``p(malignant)`` reaches this (see
             ``scripts.transforms.decide_class``).
+        map_cleanup: applied to each shipped (class-gated) binary lesion map ``(1, H, W)``, e.g. MONAI's
+            ``KeepLargestConnectedComponent``; ``None``: the maps as they are.
     """
     from scripts.metrics import classification_metrics, lesion_dice_iou
     from scripts.transforms import decide_class
@@ -291,6 +294,8 @@ def score(
     labels = image_classes(label)
     preds = np.array([decide_class(torch.as_tensor(p), normal_threshold, malignant_threshold) for p in probs])
     shipped = lesion & (preds != 0)[:, None, None]
+    if map_cleanup is not None:
+        shipped = np.stack([np.asarray(map_cleanup(torch.as_tensor(m[None]))[0]) > 0 for m in shipped])
     has = labels > 0
     dice_seg = [lesion_dice_iou(p, y)[0] for p, y in zip(lesion[has], label[has])]
     dice_iou = [lesion_dice_iou(p, y) for p, y in zip(shipped[has], label[has])]
