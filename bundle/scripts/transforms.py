@@ -331,11 +331,11 @@ class RandLesionFreeCropd(_RandWindowCropd):
         keys: KeysCollection,
         label_key: str = "label",
         prob: float = 0.2,
-        min_fraction: float = 0.3,
-        max_fraction: float = 0.6,
+        min_fraction: float = 0.25,
+        max_fraction: float = 0.5,
         gap: float = 0.25,
         depth_axis: int = 1,
-        tries: int = 10,
+        tries: int = 30,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
