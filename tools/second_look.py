@@ -178,10 +178,11 @@ def _mean(rows: list[dict]) -> dict:
 @torch.no_grad()
 def zoom(
     dataset_dir: str, cv: str = "runs/cv_lite2", fold: int = 0, split: str = "test", factor: float = 4.0,
-    seeds: int = 2, extra: dict | None = None,
+    seeds: int = 2, extra: dict | None = None, first_seed: int = 0,
 ) -> str:  # fmt: skip
-    """Class probabilities of fold ``fold``'s models (seeds 0 .. ``seeds`` - 1, mean) on its held-out (``test``)
-    or ``validation`` images, whole and zoomed on the predicted lesion (float32, image by image).
+    """Class probabilities of fold ``fold``'s models (seeds ``first_seed`` .. ``first_seed + seeds`` - 1, mean) on
+    its held-out (``test``) or ``validation`` images, whole and zoomed on the predicted lesion (float32, image by
+    image).
 
     Returns:
         the path of ``zoom_{split}_fold{k}.npz`` in ``cv``: ``whole`` and ``zoomed`` ``(N, 3)``, ``labels`` ``(N,)``.
@@ -196,7 +197,7 @@ def zoom(
     )
     networks = [
         load_network(parser, str(Path(cv) / f"fold{fold}_seed{seed}" / "models" / "model.pt")).eval()
-        for seed in range(seeds)
+        for seed in range(first_seed, first_seed + seeds)
     ]
 
     def predict(image, label) -> tuple[np.ndarray, np.ndarray]:
