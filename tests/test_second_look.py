@@ -114,3 +114,19 @@ def test_misses_counts_by_size_at_the_validation_threshold(second_look, tmp_path
     assert row["threshold"] == pytest.approx(0.1)
     assert (row["small_cancers"], row["small_missed"], row["large_cancers"], row["large_missed"]) == (1, 1, 2, 1)
     assert row["missed_not_segmented"] == 1
+
+
+def test_closer_view_recovers_the_crops_call_from_the_mean(second_look, tmp_path):
+    normal, benign = [0.8, 0.15, 0.05], [0.1, 0.8, 0.1]
+    whole = np.array([benign, benign, benign, normal])
+    # the first lesion is called normal only when seen closer, the second stays benign
+    crop = np.array([normal, [0.05, 0.85, 0.1], benign, normal])
+    zoomed = (whole + crop) / 2
+    zoomed[2] = whole[2]  # no predicted lesion: not cropped
+    np.savez(tmp_path / "zoom_test_fold0.npz", whole=whole, zoomed=zoomed, labels=np.array([1, 2, 1, 0]))
+    result = second_look.closer_view(str(tmp_path))[str(tmp_path)]
+    assert result["lesion_images"] == 3 and result["cropped"] == 2
+    assert result["called_normal_whole"] == 0.0
+    assert result["called_normal_closer"] == pytest.approx(1 / 3)
+    with pytest.raises(FileNotFoundError, match="run 'zoom' first"):
+        second_look.closer_view(str(tmp_path), split="validation")

@@ -19,6 +19,7 @@ Usage::
     python tools/second_look.py zoom_report --cv runs/cv_lite2
     python tools/second_look.py stack --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2
     python tools/second_look.py misses --cv runs/cv_lite2   # are the held-out misses small, or not segmented?
+    python tools/second_look.py closer_view --folders runs/cv_lite2_zoom2,runs/cv_freecrop_zoom2
 """
 
 from __future__ import annotations
@@ -240,6 +241,36 @@ def zoom_report(cv: str = "runs/cv_lite2") -> dict:
     return report
 
 
+def closer_view(folders: str | list[str] = "runs/cv_lite2_zoom2", split: str = "test") -> dict:
+    """Lesion images seen closer: the share of them called normal (arg-max), on the whole image and on the
+    :func:`zoom` crop alone (``2 zoomed - whole``, as ``zoomed`` is their mean), pooled over each folder's folds.
+    A crop is as close as ``zoom``'s ``factor`` made it; an image without a predicted lesion is not cropped and
+    counts with its whole-image call.
+
+    Args:
+        folders: one or several folders holding ``zoom_{split}_fold*.npz`` (a list or a comma-separated string).
+        split: ``test`` (held-out) or ``validation``.
+
+    Returns:
+        ``{folder: {"lesion_images", "cropped", "called_normal_whole", "called_normal_closer"}}``.
+    """
+    result = {}
+    for folder in folders.split(",") if isinstance(folders, str) else folders:
+        paths = sorted(Path(folder).glob(f"zoom_{split}_fold*.npz"))
+        if not paths:
+            raise FileNotFoundError(f"no zoom_{split}_fold*.npz in {folder}: run 'zoom' first")
+        whole, zoomed, labels = (np.concatenate([np.load(path)[key] for path in paths])
+                                 for key in ("whole", "zoomed", "labels"))  # fmt: skip
+        lesion, closer = labels > 0, 2 * zoomed - whole
+        result[folder] = {
+            "lesion_images": int(lesion.sum()),
+            "cropped": int((lesion & (np.abs(zoomed - whole).sum(1) > 1e-6)).sum()),
+            "called_normal_whole": float((whole[lesion].argmax(1) == 0).mean()),
+            "called_normal_closer": float((closer[lesion].argmax(1) == 0).mean()),
+        }
+    return result
+
+
 def _fold_features(dataset_dir: str, cv: str, fold: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stacker inputs, fold-ensemble class probabilities and true classes of one fold's prediction file."""
     data = np.load(prediction_path(cv, fold, split))
@@ -335,4 +366,4 @@ def misses(cv: str = "runs/cv_lite2", small: float = 0.05, found: float = 0.1, s
 
 
 if __name__ == "__main__":
-    fire.Fire({"zoom": zoom, "zoom_report": zoom_report, "stack": stack, "misses": misses})
+    fire.Fire({"zoom": zoom, "zoom_report": zoom_report, "closer_view": closer_view, "stack": stack, "misses": misses})
