@@ -1,0 +1,51 @@
+"""tools/shift_test.py: the fixed scanner-like changes keep image and mask together and change what they claim to."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import load_tool
+
+
+@pytest.fixture(scope="module")
+def shift_test():
+    return load_tool("shift_test")
+
+
+def _image_and_label() -> tuple[torch.Tensor, torch.Tensor]:
+    image = torch.linspace(10.0, 200.0, 60 * 40).reshape(1, 60, 40)
+    label = torch.zeros(1, 60, 40, dtype=torch.uint8)
+    label[:, 25:35, 15:25] = 2
+    return image, label
+
+
+def test_intensity_changes_keep_the_mask_and_change_the_pixels(shift_test):
+    image, label = _image_and_label()
+    changes = shift_test.changes()
+    for name in ("gamma_0.6", "gamma_1.6", "saturation", "blur", "low_resolution", "speckle", "depth_attenuation"):
+        changed, same_label = changes[name](image, label)
+        assert changed.shape == image.shape and torch.equal(same_label, label), name
+        assert not torch.allclose(changed, image), f"{name} left the image as it was"
+    brighter, _ = changes["gamma_0.6"](image, label)
+    assert (brighter[0, 30, 20] > image[0, 30, 20]) and brighter.max() == pytest.approx(float(image.max()))
+    saturated, _ = changes["saturation"](image, label)
+    assert saturated.max() == pytest.approx(float(image.max())) and (saturated == image.max()).sum() > 1
+    deep, _ = changes["depth_attenuation"](image, label)
+    assert deep[0, 0, -1] / image[0, 0, -1] < deep[0, 0, 0] / image[0, 0, 0]  # the last axis is depth
+    speckle_a, _ = changes["speckle"](image, label)
+    speckle_b, _ = shift_test.changes()["speckle"](image, label)
+    assert torch.equal(speckle_a, speckle_b)  # fixed, not drawn
+    assert torch.equal(changes["none"](image, label)[0], image)
+
+
+def test_field_of_view_changes_move_the_mask_with_the_image(shift_test):
+    image, label = _image_and_label()
+    changes = shift_test.changes()
+    closer_image, closer_label = changes["closer"](image, label)
+    assert closer_image.shape == closer_label.shape == (1, 42, 28)
+    assert torch.equal(closer_image, image[:, 9:51, 6:34]) and torch.equal(closer_label, label[:, 9:51, 6:34])
+    wider_image, wider_label = changes["wider"](image, label)
+    assert wider_image.shape == wider_label.shape == (1, 78, 52)
+    assert torch.equal(wider_label[:, 9:69, 6:46], label) and wider_label.sum() == label.sum()
+    assert wider_image[:, :9].abs().sum() == 0 and torch.equal(wider_image[:, 9:69, 6:46], image)
