@@ -17,9 +17,13 @@ resize), and geometric ones move the lesion mask with the image:
 Affine intensity changes are left out: the preprocessing's percentile scaling and z-score remove them.
 
 ``run`` scores each change with ``ablate.score`` (arg-max decisions, the two-seed ensemble of each fold, pooled over
-the folds) and reports it minus the unchanged images. Usage::
+the folds) and reports it minus the unchanged images. ``--crop_to_scan t`` crops every changed image (and its mask)
+to the box of pixels above ``t`` times its maximum before the resize, as a pipeline that removes display margins
+would. Usage::
 
     python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2
+    python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2 --crop_to_scan 0.04 \
+        --only none,wider,closer
 """
 
 from __future__ import annotations
@@ -89,9 +93,26 @@ def changes(seed: int = 0) -> dict[str, Change]:
     }
 
 
+def crop_to_scan(image: torch.Tensor, label: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and mask cropped to the bounding box of the image's pixels above ``threshold`` times its maximum
+    (MONAI's ``CropForeground``); an image with no such pixel is left whole."""
+    from monai.transforms import CropForegroundd
+
+    level = threshold * float(image.max())
+    if not (image > level).any():
+        return image, label
+    crop = CropForegroundd(["image", "label"], source_key="image", select_fn=lambda x: x > level, allow_smaller=True)
+    cropped = crop({"image": image, "label": label})
+    return cropped["image"], cropped["label"]
+
+
 @torch.no_grad()
-def _predict_fold(dataset_dir: str, cv: str, fold: int, seeds: list[int], split: str) -> dict[str, dict]:
-    """Ensemble outputs of one fold's models under every change: ``{change: {"cls", "seg", "label"}}``."""
+def _predict_fold(
+    dataset_dir: str, cv: str, fold: int, seeds: list[int], split: str, only: list[str] | None = None,
+    crop_threshold: float | None = None,
+) -> dict[str, dict]:  # fmt: skip
+    """Ensemble outputs of one fold's models under every change (or those in ``only``), each cropped to the scan
+    first where ``crop_threshold`` is given: ``{change: {"cls", "seg", "label"}}``."""
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
@@ -108,7 +129,11 @@ def _predict_fold(dataset_dir: str, cv: str, fold: int, seeds: list[int], split:
     for item in parser.get_parsed_content("validate#datalist")():
         sample = load(item)
         for name, change in changes().items():
+            if only is not None and name not in only:
+                continue
             image, label = change(sample["image"].as_tensor(), sample["label"].as_tensor())
+            if crop_threshold is not None:
+                image, label = crop_to_scan(image, label, crop_threshold)
             meta = sample["image"].meta
             ready = to_network({"image": MetaTensor(image, meta=meta), "label": MetaTensor(label, meta=meta)})
             results = [network(ready["image"].as_tensor()[None].float()) for network in networks]
@@ -121,16 +146,21 @@ def _predict_fold(dataset_dir: str, cv: str, fold: int, seeds: list[int], split:
 
 def run(
     dataset_dir: str, cv: str = "runs/cv_lite2", seeds: int = 2, first_seed: int = 0, split: str = "test",
-    folds: int = 3,
+    folds: int = 3, only: str | list[str] | None = None, crop_to_scan: float | None = None,
 ) -> dict:  # fmt: skip
-    """Every change on the held-out (``test``) or ``validation`` images of folds ``0 .. folds - 1``, scored pooled
-    over the folds, and minus the unchanged images. Saved as ``shift_{split}.json`` in ``cv``.
+    """Every change (or those in ``only``, which must hold ``none``) on the held-out (``test``) or ``validation``
+    images of folds ``0 .. folds - 1``, scored pooled over the folds, and minus the unchanged images. Saved as
+    ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with ``crop_to_scan`` ``t``).
 
     Returns:
         ``{"scores": {change: {score: value}}, "D": {change: {score: value - unchanged}}}``.
     """
+    if isinstance(only, str):
+        only = only.split(",")
+    if only is not None and "none" not in only:
+        raise ValueError("only must include 'none', the unchanged images every change is compared with.")
     members = list(range(first_seed, first_seed + seeds))
-    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split) for fold in range(folds)]
+    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split, only, crop_to_scan) for fold in range(folds)]
     scores = {}
     for name in per_fold[0]:
         pooled = {key: np.concatenate([fold[name][key] for fold in per_fold]) for key in ("cls", "seg", "label")}
@@ -140,8 +170,10 @@ def run(
         "scores": scores,
         "D": {name: {key: values[key] - scores["none"][key] for key in SCORES} for name, values in scores.items()},
         "seeds": members,
+        "crop_to_scan": crop_to_scan,
     }
-    (Path(cv) / f"shift_{split}.json").write_text(json.dumps(result, indent=1))
+    name = f"shift_{split}.json" if crop_to_scan is None else f"shift_{split}_crop{crop_to_scan}.json"
+    (Path(cv) / name).write_text(json.dumps(result, indent=1))
     return result
 
 
