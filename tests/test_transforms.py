@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.transforms import Compose, LoadImage, LoadImaged, MedianSmoothd
+from monai.data import MetaTensor
+from monai.transforms import Compose, Invertd, LoadImage, LoadImaged, MedianSmoothd
 from monai.utils import convert_to_dst_type
 from PIL import Image
 
@@ -183,6 +184,27 @@ def test_preprocessing_median_filters_as_opencv_3x3_or_not_at_all(tmp_path, medi
     expected = after({**resized, "image": convert_to_dst_type(filtered[None], resized["image"])[0]})["image"]
     found = Compose(transforms)({"image": str(tmp_path / "img.png")})["image"]
     torch.testing.assert_close(found, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scan_threshold", [0.04, 0.0], ids=["crop", "off"])
+def test_black_display_margins_are_cropped_before_the_resize_and_restored_on_the_map(tmp_path, scan_threshold):
+    """An export with black margins around the scan reaches the network as the scan alone; the inverted map has the
+    export's size, empty over the margins. ``scan_threshold`` 0 turns the crop off."""
+    scan = np.random.default_rng(0).integers(20, 256, (96, 80), dtype=np.uint8)
+    Image.fromarray(scan).save(tmp_path / "scan.png")
+    Image.fromarray(np.pad(scan, ((20, 12), (16, 16)))).save(tmp_path / "export.png")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "inference.json"))
+    parser["scan_threshold"] = scan_threshold
+    preprocessing = parser.get_parsed_content("preprocessing")
+    alone, export = (preprocessing({"image": str(tmp_path / name)}) for name in ("scan.png", "export.png"))
+    assert torch.equal(alone["image"], export["image"]) is bool(scan_threshold)
+    export["pred"] = MetaTensor(torch.ones(1, *export["image"].shape[1:]), meta=export["image"].meta,
+                                applied_operations=export["image"].applied_operations)  # fmt: skip
+    inverted = Invertd("pred", preprocessing, orig_keys="image", nearest_interp=True)(export)["pred"]
+    assert tuple(inverted.shape[1:]) == (80 + 32, 96 + 32)  # the export's size (PNGs load as width x height)
+    inside = inverted[0, 16:-16, 20:-12]
+    assert bool(inside.bool().all()) and int(inverted.sum()) == (inside.numel() if scan_threshold else inverted.numel())
 
 
 def test_predicted_map_agrees_with_predicted_class():

@@ -109,7 +109,7 @@ def crop_to_scan(image: torch.Tensor, label: torch.Tensor, threshold: float) -> 
 @torch.no_grad()
 def _predict_fold(
     dataset_dir: str, cv: str, fold: int, seeds: list[int], split: str, only: list[str] | None = None,
-    crop_threshold: float | None = None,
+    crop_threshold: float | None = None, extra: dict | None = None,
 ) -> dict[str, dict]:  # fmt: skip
     """Ensemble outputs of one fold's models under every change (or those in ``only``), each cropped to the scan
     first where ``crop_threshold`` is given: ``{change: {"cls", "seg", "label"}}``."""
@@ -117,7 +117,7 @@ def _predict_fold(
     from monai.transforms import Compose
 
     datalist = str((Path(cv) / f"fold{fold}.json").resolve())
-    parser = _parser(dataset_dir, {"datalist": datalist, "validate#split": split, "amp": False})
+    parser = _parser(dataset_dir, {**(extra or {}), "datalist": datalist, "validate#split": split, "amp": False})
     load = Compose(parser.get_parsed_content("load_transforms"))
     to_network = Compose(
         parser.get_parsed_content("resize_transforms") + parser.get_parsed_content("normalize_transforms")
@@ -147,10 +147,12 @@ def _predict_fold(
 def run(
     dataset_dir: str, cv: str = "runs/cv_lite2", seeds: int = 2, first_seed: int = 0, split: str = "test",
     folds: int = 3, only: str | list[str] | None = None, crop_to_scan: float | None = None,
+    extra: dict | None = None,
 ) -> dict:  # fmt: skip
     """Every change (or those in ``only``, which must hold ``none``) on the held-out (``test``) or ``validation``
-    images of folds ``0 .. folds - 1``, scored pooled over the folds, and minus the unchanged images. Saved as
-    ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with ``crop_to_scan`` ``t``).
+    images of folds ``0 .. folds - 1``, scored pooled over the folds, and minus the unchanged images (``extra``:
+    ``train.json`` overrides, e.g. ``{"scan_threshold": 0.0}`` to score without the pipeline's own crop to the scan).
+    Saved as ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with ``crop_to_scan`` ``t``).
 
     Returns:
         ``{"scores": {change: {score: value}}, "D": {change: {score: value - unchanged}}}``.
@@ -160,7 +162,8 @@ def run(
     if only is not None and "none" not in only:
         raise ValueError("only must include 'none', the unchanged images every change is compared with.")
     members = list(range(first_seed, first_seed + seeds))
-    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split, only, crop_to_scan) for fold in range(folds)]
+    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split, only, crop_to_scan, extra)
+                for fold in range(folds)]  # fmt: skip
     scores = {}
     for name in per_fold[0]:
         pooled = {key: np.concatenate([fold[name][key] for fold in per_fold]) for key in ("cls", "seg", "label")}
