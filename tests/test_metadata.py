@@ -218,8 +218,9 @@ def test_inference_preprocesses_images_as_training_and_validation():
             if t["_target_"] not in skipped
         ]
 
-    assert train["deterministic_transforms"] == "$@load_transforms + @resize_transforms"
-    trained_on = image_steps(train["load_transforms"] + train["resize_transforms"] + train["normalize_transforms"])
+    assert train["deterministic_transforms"] == "$@load_transforms + @crop_to_scan_transforms + @resize_transforms"
+    trained_on = image_steps(train["load_transforms"] + train["crop_to_scan_transforms"] + train["resize_transforms"]
+                             + train["normalize_transforms"])  # fmt: skip
     assert [t["_target_"] for t in trained_on][-4:] == [
         "Resized", "MedianSmoothd", "ScaleIntensityRangePercentilesd", "NormalizeIntensityd"
     ]  # fmt: skip

@@ -192,7 +192,8 @@ def zoom(
 
     datalist = str((Path(cv) / f"fold{fold}.json").resolve())
     parser = _parser(dataset_dir, {**(extra or {}), "datalist": datalist, "validate#split": split, "amp": False})
-    load = Compose(parser.get_parsed_content("load_transforms"))  # up to the resize: the original pixels
+    # up to the resize: the scan's own pixels
+    load = Compose(parser.get_parsed_content("load_transforms") + parser.get_parsed_content("crop_to_scan_transforms"))
     to_network = Compose(
         parser.get_parsed_content("resize_transforms") + parser.get_parsed_content("normalize_transforms")
     )

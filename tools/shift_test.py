@@ -14,7 +14,9 @@ resize), and geometric ones move the lesion mask with the image:
 - ``closer``: the central 70 % of each side (a smaller field of view; a lesion may be cut);
 - ``wider``: 15 % black margins on every side (a larger display around the same image).
 
-Affine intensity changes are left out: the preprocessing's percentile scaling and z-score remove them.
+Affine intensity changes are left out: the preprocessing's percentile scaling and z-score remove them. The changed
+image then goes through the pipeline from its crop to the scan on (``train.json``'s ``scan_threshold``; pass
+``--extra "{'scan_threshold': 0.0}"`` to score without it).
 
 ``run`` scores each change with ``ablate.score`` (arg-max decisions, the two-seed ensemble of each fold, pooled over
 the folds) and reports it minus the unchanged images. ``--crop_to_scan t`` crops every changed image (and its mask)
@@ -119,9 +121,11 @@ def _predict_fold(
     datalist = str((Path(cv) / f"fold{fold}.json").resolve())
     parser = _parser(dataset_dir, {**(extra or {}), "datalist": datalist, "validate#split": split, "amp": False})
     load = Compose(parser.get_parsed_content("load_transforms"))
+    # a change is made to the loaded pixels, so that the pipeline's own crop to the scan (scan_threshold) sees it
     to_network = Compose(
-        parser.get_parsed_content("resize_transforms") + parser.get_parsed_content("normalize_transforms")
-    )
+        parser.get_parsed_content("crop_to_scan_transforms") + parser.get_parsed_content("resize_transforms")
+        + parser.get_parsed_content("normalize_transforms")
+    )  # fmt: skip
     networks = [
         load_network(parser, str(Path(cv) / f"fold{fold}_seed{seed}" / "models" / "model.pt")).eval() for seed in seeds
     ]
