@@ -151,12 +151,13 @@ def _predict_fold(
 def run(
     dataset_dir: str, cv: str = "runs/cv_lite2", seeds: int = 2, first_seed: int = 0, split: str = "test",
     folds: int = 3, only: str | list[str] | None = None, crop_to_scan: float | None = None,
-    extra: dict | None = None,
+    extra: dict | None = None, out: str | None = None,
 ) -> dict:  # fmt: skip
     """Every change (or those in ``only``, which must hold ``none``) on the held-out (``test``) or ``validation``
     images of folds ``0 .. folds - 1``, scored pooled over the folds, and minus the unchanged images (``extra``:
     ``train.json`` overrides, e.g. ``{"scan_threshold": 0.0}`` to score without the pipeline's own crop to the scan).
-    Saved as ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with ``crop_to_scan`` ``t``).
+    Saved as ``out``, or else as ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with
+    ``crop_to_scan`` ``t``).
 
     Returns:
         ``{"scores": {change: {score: value}}, "D": {change: {score: value - unchanged}}}``.
@@ -180,7 +181,7 @@ def run(
         "crop_to_scan": crop_to_scan,
     }
     name = f"shift_{split}.json" if crop_to_scan is None else f"shift_{split}_crop{crop_to_scan}.json"
-    (Path(cv) / name).write_text(json.dumps(result, indent=1))
+    Path(out or Path(cv) / name).write_text(json.dumps(result, indent=1))
     return result
 
 
