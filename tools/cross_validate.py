@@ -269,17 +269,19 @@ def predict(
         print(f"saved {path}: seeds {[s for s, _ in runs]}, {len(outputs[0]['cls'])} {split} images", flush=True)
 
 
-def _scores(cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.ndarray, aug_label: np.ndarray) -> dict:
-    return {**score({"cls": cls, "seg": seg, "label": label}), **augmented_scores(aug_cls, aug_label)}
+def _scores(
+    cls: np.ndarray, seg: np.ndarray, label: np.ndarray, aug_cls: np.ndarray, aug_label: np.ndarray, map_cleanup=None
+) -> dict:
+    return {**score({"cls": cls, "seg": seg, "label": label}, map_cleanup=map_cleanup),
+            **augmented_scores(aug_cls, aug_label)}  # fmt: skip
 
 
 def _ensemble_scores(data: dict, members=slice(None), map_cleanup=None) -> dict:
     """Scores of the mean probabilities of ``members`` (indices or a mask into the seed axis) of one fold's data
     (``map_cleanup``: see ``ablate.score``)."""
     seg = data["seg"][members].astype(np.float32) / 255.0
-    outputs = {"cls": data["cls"][members].mean(0), "seg": seg.mean(0), "label": data["label"]}
-    return {**score(outputs, map_cleanup=map_cleanup),
-            **augmented_scores(data["augmented_cls"][members].mean(0), data["augmented_label"])}  # fmt: skip
+    return _scores(data["cls"][members].mean(0), seg.mean(0), data["label"], data["augmented_cls"][members].mean(0),
+                   data["augmented_label"], map_cleanup)  # fmt: skip
 
 
 def ensemble_against_selected(data: dict, members: int = 3) -> dict[str, float]:

@@ -19,13 +19,11 @@ image then goes through the pipeline from its crop to the scan on (``train.json`
 ``--extra "{'scan_threshold': 0.0}"`` to score without it).
 
 ``run`` scores each change with ``ablate.score`` (arg-max decisions, the two-seed ensemble of each fold, pooled over
-the folds) and reports it minus the unchanged images. ``--crop_to_scan t`` crops every changed image (and its mask)
-to the box of pixels above ``t`` times its maximum before the resize, as a pipeline that removes display margins
-would. Usage::
+the folds) and reports it minus the unchanged images. Usage::
 
     python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2
-    python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2 --crop_to_scan 0.04 \
-        --only none,wider,closer
+    python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2 \
+        --extra "{'scan_threshold': 0.0}" --only none,wider,closer   # without the crop to the scan
 """
 
 from __future__ import annotations
@@ -44,20 +42,6 @@ Change = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tenso
 SCORES = ("dice", "normal_fp", "lesion_called_normal", "malignant_recall", "benign_malignant_auc", "accuracy")
 
 
-def _crop(image: torch.Tensor, label: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
-    height, width = image.shape[-2:]
-    crop_h, crop_w = round(height * keep), round(width * keep)
-    top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    window = (..., slice(top, top + crop_h), slice(left, left + crop_w))
-    return image[window], label[window]
-
-
-def _pad(image: torch.Tensor, label: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    height, width = image.shape[-2:]
-    pads = (round(width * margin),) * 2 + (round(height * margin),) * 2
-    return torch.nn.functional.pad(image, pads), torch.nn.functional.pad(label, pads)
-
-
 def _resample(image: torch.Tensor, factor: float) -> torch.Tensor:
     size = image.shape[-2:]
     small = torch.nn.functional.interpolate(image[None].float(), scale_factor=factor, mode="nearest")
@@ -67,12 +51,15 @@ def _resample(image: torch.Tensor, factor: float) -> torch.Tensor:
 def changes(seed: int = 0) -> dict[str, Change]:
     """The fixed changes by name (see the module docstring); each takes and returns ``(image, label)``, ``(1, H, W)``
     each, the image in its loaded intensities."""
-    from monai.transforms import AdjustContrast, GaussianSmooth
+    from monai.transforms import AdjustContrast, BorderPad, CenterScaleCrop, GaussianSmooth
 
     from scripts.transforms import RandDepthAttenuationd, RandSpeckleNoised
 
     speckle = RandSpeckleNoised("image", prob=1.0, std=(0.3, 0.3), grain=(1.5, 1.5))
     attenuation = RandDepthAttenuationd("image", prob=1.0, attenuation=(1.0, 1.0))
+
+    def both(transform, image, label):
+        return transform(image), transform(label)
 
     def seeded(transform):
         def apply(image, label):
@@ -90,31 +77,18 @@ def changes(seed: int = 0) -> dict[str, Change]:
         "low_resolution": lambda image, label: (_resample(image, 1 / 3), label),
         "speckle": seeded(speckle),
         "depth_attenuation": seeded(attenuation),
-        "closer": lambda image, label: _crop(image, label, 0.7),
-        "wider": lambda image, label: _pad(image, label, 0.15),
+        "closer": lambda image, label: both(CenterScaleCrop(0.7), image, label),
+        "wider": lambda image, label: both(BorderPad([round(side * 0.15) for side in image.shape[1:]]), image, label),
     }
-
-
-def crop_to_scan(image: torch.Tensor, label: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and mask cropped to the bounding box of the image's pixels above ``threshold`` times its maximum
-    (MONAI's ``CropForeground``); an image with no such pixel is left whole."""
-    from monai.transforms import CropForegroundd
-
-    level = threshold * float(image.max())
-    if not (image > level).any():
-        return image, label
-    crop = CropForegroundd(["image", "label"], source_key="image", select_fn=lambda x: x > level, allow_smaller=True)
-    cropped = crop({"image": image, "label": label})
-    return cropped["image"], cropped["label"]
 
 
 @torch.no_grad()
 def _predict_fold(
     dataset_dir: str, cv: str, fold: int, seeds: list[int], split: str, only: list[str] | None = None,
-    crop_threshold: float | None = None, extra: dict | None = None,
+    extra: dict | None = None,
 ) -> dict[str, dict]:  # fmt: skip
-    """Ensemble outputs of one fold's models under every change (or those in ``only``), each cropped to the scan
-    first where ``crop_threshold`` is given: ``{change: {"cls", "seg", "label"}}``."""
+    """Ensemble outputs of one fold's models under every change (or those in ``only``):
+    ``{change: {"cls", "seg", "label"}}``."""
     from monai.data import MetaTensor
     from monai.transforms import Compose
 
@@ -129,15 +103,12 @@ def _predict_fold(
     networks = [
         load_network(parser, str(Path(cv) / f"fold{fold}_seed{seed}" / "models" / "model.pt")).eval() for seed in seeds
     ]
+    selected = {name: change for name, change in changes().items() if only is None or name in only}
     outputs: dict[str, dict] = {}
     for item in parser.get_parsed_content("validate#datalist")():
         sample = load(item)
-        for name, change in changes().items():
-            if only is not None and name not in only:
-                continue
+        for name, change in selected.items():
             image, label = change(sample["image"].as_tensor(), sample["label"].as_tensor())
-            if crop_threshold is not None:
-                image, label = crop_to_scan(image, label, crop_threshold)
             meta = sample["image"].meta
             ready = to_network({"image": MetaTensor(image, meta=meta), "label": MetaTensor(label, meta=meta)})
             results = [network(ready["image"].as_tensor()[None].float()) for network in networks]
@@ -150,14 +121,12 @@ def _predict_fold(
 
 def run(
     dataset_dir: str, cv: str = "runs/cv_lite2", seeds: int = 2, first_seed: int = 0, split: str = "test",
-    folds: int = 3, only: str | list[str] | None = None, crop_to_scan: float | None = None,
-    extra: dict | None = None, out: str | None = None,
+    folds: int = 3, only: str | list[str] | None = None, extra: dict | None = None, out: str | None = None,
 ) -> dict:  # fmt: skip
     """Every change (or those in ``only``, which must hold ``none``) on the held-out (``test``) or ``validation``
     images of folds ``0 .. folds - 1``, scored pooled over the folds, and minus the unchanged images (``extra``:
     ``train.json`` overrides, e.g. ``{"scan_threshold": 0.0}`` to score without the pipeline's own crop to the scan).
-    Saved as ``out``, or else as ``shift_{split}.json`` in ``cv`` (``shift_{split}_crop{t}.json`` with
-    ``crop_to_scan`` ``t``).
+    Saved as ``out``, or else as ``shift_{split}.json`` in ``cv``.
 
     Returns:
         ``{"scores": {change: {score: value}}, "D": {change: {score: value - unchanged}}}``.
@@ -167,8 +136,7 @@ def run(
     if only is not None and "none" not in only:
         raise ValueError("only must include 'none', the unchanged images every change is compared with.")
     members = list(range(first_seed, first_seed + seeds))
-    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split, only, crop_to_scan, extra)
-                for fold in range(folds)]  # fmt: skip
+    per_fold = [_predict_fold(dataset_dir, cv, fold, members, split, only, extra) for fold in range(folds)]
     scores = {}
     for name in per_fold[0]:
         pooled = {key: np.concatenate([fold[name][key] for fold in per_fold]) for key in ("cls", "seg", "label")}
@@ -178,10 +146,8 @@ def run(
         "scores": scores,
         "D": {name: {key: values[key] - scores["none"][key] for key in SCORES} for name, values in scores.items()},
         "seeds": members,
-        "crop_to_scan": crop_to_scan,
     }
-    name = f"shift_{split}.json" if crop_to_scan is None else f"shift_{split}_crop{crop_to_scan}.json"
-    Path(out or Path(cv) / name).write_text(json.dumps(result, indent=1))
+    Path(out or Path(cv) / f"shift_{split}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
