@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -54,3 +56,22 @@ def test_field_of_view_changes_move_the_mask_with_the_image(shift_test):
 def test_every_change_is_compared_with_the_unchanged_images(shift_test):
     with pytest.raises(ValueError, match="only must include 'none'"):
         shift_test.run(".", only="wider")
+
+
+def _result(path, **changes: float) -> str:
+    scores = {name: {key: value for key in ("dice", "normal_fp", "lesion_called_normal", "malignant_recall",
+                                            "benign_malignant_auc", "accuracy")} for name, value in changes.items()}
+    path.write_text(json.dumps({"scores": scores}))
+    return str(path)
+
+
+def test_compare_leaves_the_focus_change_out_of_the_mean_over_the_others(shift_test, tmp_path):
+    candidate = _result(tmp_path / "candidate.json", none=0.5, speckle=0.9, blur=0.4, wider=0.6, closer=0.0)
+    reference = _result(tmp_path / "reference.json", none=0.6, speckle=0.5, blur=0.5, wider=0.3)
+    compared = shift_test.compare(candidate, reference, focus="speckle")
+    assert compared["other_changes"] == ["blur", "wider"]  # "closer" is only in the candidate's result
+    assert compared["D"]["speckle"]["malignant_recall"] == pytest.approx(0.4)
+    assert compared["D"]["none"]["dice"] == pytest.approx(-0.1)
+    assert compared["others"]["lesion_called_normal"] == pytest.approx(0.1)  # mean of -0.1 and +0.3
+    with pytest.raises(ValueError, match="'gamma_0.6'"):
+        shift_test.compare(candidate, reference, focus="gamma_0.6")

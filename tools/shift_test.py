@@ -24,6 +24,13 @@ the folds) and reports it minus the unchanged images. Usage::
     python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2
     python tools/shift_test.py run --dataset_dir .busi/Dataset_BUSI_with_GT --cv runs/cv_lite2 \
         --extra "{'scan_threshold': 0.0}" --only none,wider,closer   # without the crop to the scan
+
+``compare`` sets two such results against each other, a candidate recipe's and the reference's: per change, the
+candidate minus the reference, and the mean of that over the changes other than ``none`` and the one the candidate
+was made for (``--focus``)::
+
+    python tools/shift_test.py compare --candidate runs/cv_speckle/shift_test.json \
+        --reference runs/cv_lite2/shift_test.json --focus speckle
 """
 
 from __future__ import annotations
@@ -151,6 +158,28 @@ def run(
     return result
 
 
+def compare(candidate: str, reference: str, focus: str = "speckle") -> dict:
+    """Candidate minus reference, change by change, for two :func:`run` results scored on the same images.
+
+    Args:
+        candidate: the candidate recipe's result (a JSON file written by ``run``).
+        reference: the reference recipe's result.
+        focus: the change the candidate was made to withstand; left out of the mean over the other changes.
+
+    Returns:
+        ``{"D": {change: {score: candidate - reference}}, "others": {score: mean over the other changes},
+        "other_changes": [their names]}``, over the changes both results hold.
+    """
+    scores = [json.loads(Path(path).read_text())["scores"] for path in (candidate, reference)]
+    shared = [name for name in scores[0] if name in scores[1]]
+    if "none" not in shared or focus not in shared:
+        raise ValueError(f"both results must hold 'none' and {focus!r}; they share {shared}.")
+    diff = {name: {key: scores[0][name][key] - scores[1][name][key] for key in SCORES} for name in shared}
+    others = [name for name in shared if name not in ("none", focus)]
+    mean = {key: float(np.mean([diff[name][key] for name in others])) if others else float("nan") for key in SCORES}
+    return {"D": diff, "others": mean, "other_changes": others}
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE))
-    fire.Fire({"run": run})
+    fire.Fire({"run": run, "compare": compare})
