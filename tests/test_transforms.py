@@ -358,6 +358,27 @@ def test_training_crops_windows_before_resizing_and_only_when_asked(lesion_zoom_
         assert "RandLesionFreeCropd" not in names, "off: the lesion-zoom recipe is unchanged, random streams included"
 
 
+@pytest.mark.parametrize("scan_speckle_prob, lesion_zoom_prob", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.3)])
+def test_scan_speckle_lands_between_the_resize_and_the_median_filter(scan_speckle_prob, lesion_zoom_prob):
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
+    parser["scan_speckle_prob"] = scan_speckle_prob
+    parser["lesion_zoom_prob"] = lesion_zoom_prob
+    transforms = parser.get_parsed_content("train#preprocessing").transforms
+    names = [type(t).__name__ for t in transforms]
+    resized, median = names.index("Resized"), names.index("MedianSmoothd")
+    speckles = [i for i, name in enumerate(names) if name == "RandSpeckleNoised"]
+    if scan_speckle_prob:
+        assert names[resized + 1 : median] == ["RandSpeckleNoised"]
+        assert transforms[resized + 1].prob == scan_speckle_prob
+        assert len(speckles) == 2, "the augmentation's own speckle, after the filter, stays"
+    else:
+        assert names[resized + 1] == "MedianSmoothd" and len(speckles) == 1
+        deterministic = [type(t).__name__ for t in parser.get_parsed_content("deterministic_transforms")]
+        assert names[: len(deterministic)] == deterministic, "off: the resized images are cached as before"
+    assert (names.index("RandLesionZoomd") == resized - 1) if lesion_zoom_prob else "RandLesionZoomd" not in names
+
+
 @pytest.mark.parametrize(
     "probs, normal_threshold, malignant_threshold, expected",
     [
