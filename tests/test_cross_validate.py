@@ -209,6 +209,35 @@ def test_compare_scores_the_candidate_ensemble_against_the_reference_on_shared_f
     assert json.loads((candidate / "compare.json").read_text())["folds"] == ["fold0", "fold1"]
 
 
+def test_mix_stacks_the_chosen_seeds_of_two_folders_in_order_and_links_their_runs(cross_validate, tmp_path):
+    right = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.9 + 0.1 / 3
+    wrong = np.eye(3)[[1, 2, 2, 0, 0, 1]] * 0.9 + 0.1 / 3
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "fold0.json").write_text('{"test": []}')
+    (second / "fold0_seed2").mkdir()
+    _predictions(first / "predictions_fold0.npz", np.stack([wrong, right]), [0.5, 0.6])  # seeds 0, 1
+    _predictions(second / "predictions_fold0.npz", np.stack([wrong, wrong, right, wrong]), [0.1, 0.2, 0.3, 0.4])
+    _predictions(first / "validation_fold0.npz", np.stack([wrong, right]), [0.5, 0.6])  # the second lacks it
+    written = cross_validate.mix(f"{second}:2,{first}:1", str(tmp_path / "mix"))
+    assert written == [str(tmp_path / "mix" / "predictions_fold0.npz")]
+    mixed = np.load(tmp_path / "mix" / "predictions_fold0.npz")
+    np.testing.assert_allclose(mixed["cls"], np.stack([right, right]))  # second's seed 2, then first's seed 1
+    np.testing.assert_allclose(mixed["val_score"], [0.3, 0.6])
+    assert mixed["seeds"].tolist() == [0, 1] and mixed["seg"].shape == (2, 6, 4, 4)
+    assert (tmp_path / "mix" / "fold0_seed0").resolve() == (second / "fold0_seed2").resolve()  # for shift_test.py
+    assert not (tmp_path / "mix" / "fold0_seed1").exists()  # the first folder kept no run of seed 1
+    assert cross_validate.compare(str(tmp_path / "mix"), str(first))["mean"]["accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="holds seeds \\[0, 1\\], not 5"):
+        cross_validate.mix(f"{first}:5,{second}:0", str(tmp_path / "bad"))
+    (second / "fold0.json").write_text('{"test": [1]}')
+    with pytest.raises(ValueError, match="the members' folds differ"):
+        cross_validate.mix(f"{first}:0,{second}:0", str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="'folder:seed'"):
+        cross_validate.mix("first", str(tmp_path / "bad"))
+
+
 def test_cleanup_scores_the_largest_component_and_filled_holes_against_the_plain_maps(cross_validate, tmp_path):
     right = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.9 + 0.1 / 3
     _predictions(tmp_path / "predictions_fold0.npz", np.stack([right]), [0.7])

@@ -20,6 +20,8 @@ whatever it picked. This tool makes fresh held-out data from the training split 
    (``--split validation``: on the validation images that chose the checkpoints).
 7. ``cleanup``: MONAI's largest-connected-component and hole-filling transforms on one cross-validation's shipped
    lesion maps, against the plain maps (lesion Dice and IoU, per fold and averaged).
+8. ``mix``: an ensemble of runs from several ``--out`` folders (e.g. two recipes' models, one seed each) as a folder
+   of its own, which ``compare``, ``report`` and ``shift_test.py run`` score like any other.
 
 Usage::
 
@@ -32,6 +34,7 @@ Usage::
     python tools/cross_validate.py thresholds --out runs/cv
     python tools/cross_validate.py compare --candidate runs/cv_lite2 --reference runs/cv
     python tools/cross_validate.py cleanup --out runs/cv_lite2 --split validation
+    python tools/cross_validate.py mix --members runs/cv_lite2:0,runs/cv_scanspeckle:1 --out runs/mix_0_1
 """
 
 from __future__ import annotations
@@ -391,6 +394,73 @@ def compare(candidate: str, reference: str, seeds: int | None = None, split: str
     return result
 
 
+def _member(item: str) -> tuple[Path, int]:
+    folder, _, seed = str(item).rpartition(":")
+    if not folder or not seed.isdigit():
+        raise ValueError(f"a mix member is 'folder:seed', got {item!r}")
+    return Path(folder), int(seed)
+
+
+def mix(members: str | list[str], out: str) -> list[str]:
+    """One ensemble made of runs from several cross-validations of the same folds.
+
+    For every fold and split that all members' folders predicted, ``out`` gets a ``predictions_fold{k}.npz``
+    (``validation_fold{k}.npz``) that stacks the members' outputs in the order given, their seeds renumbered
+    ``0 .. n - 1``, and ``fold{k}_seed{i}`` links to the member runs, so that ``compare``, ``report`` and
+    ``shift_test.py run --cv out --seeds n`` score the mix like any cross-validation.
+
+    Args:
+        members: ``folder:seed`` items (a list, or one string with commas), e.g.
+            ``runs/cv_lite2:0,runs/cv_scanspeckle:1``.
+        out: the new folder.
+
+    Returns:
+        The prediction files written.
+
+    Raises:
+        ValueError: a member is malformed, the folders' fold files differ, or their predictions are not of the
+            same images, or a prediction file lacks the member's seed.
+    """
+    parsed = [_member(item) for item in (members.split(",") if isinstance(members, str) else members)]
+    fold_files = sorted(parsed[0][0].glob("fold*.json"))
+    if not fold_files:
+        raise FileNotFoundError(f"no fold*.json in {parsed[0][0]}")
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    for fold_file in fold_files:
+        for folder, _ in parsed[1:]:
+            if (folder / fold_file.name).read_bytes() != fold_file.read_bytes():
+                raise ValueError(f"{folder / fold_file.name} differs from {fold_file}: the members' folds differ")
+        (target / fold_file.name).write_bytes(fold_file.read_bytes())
+        fold = int(fold_file.stem[4:])
+        for index, (folder, seed) in enumerate(parsed):
+            run, link = (folder / f"fold{fold}_seed{seed}").resolve(), target / f"fold{fold}_seed{index}"
+            if run.is_dir() and not link.exists():
+                link.symlink_to(run, target_is_directory=True)
+    written = []
+    for fold_file in fold_files:
+        for split in ("test", "validation"):
+            sources = [prediction_path(str(folder), int(fold_file.stem[4:]), split) for folder, _ in parsed]
+            if not all(path.is_file() for path in sources):
+                continue
+            loaded = [dict(np.load(path)) for path in sources]
+            rows = []
+            for path, data, (_, seed) in zip(sources, loaded, parsed):
+                if not all(np.array_equal(data[key], loaded[0][key]) for key in ("label", "augmented_label")):
+                    raise ValueError(f"{path} and {sources[0]} are not predictions of the same images")
+                found = np.flatnonzero(data["seeds"] == seed)
+                if not len(found):
+                    raise ValueError(f"{path} holds seeds {data['seeds'].tolist()}, not {seed}")
+                rows.append(int(found[0]))
+            stacked = {key: np.stack([data[key][row] for data, row in zip(loaded, rows)])
+                       for key in ("cls", "seg", "augmented_cls", "val_score", "epochs")}  # fmt: skip
+            path = prediction_path(out, int(fold_file.stem[4:]), split)
+            np.savez_compressed(path, **stacked, label=loaded[0]["label"], augmented_label=loaded[0]["augmented_label"],
+                                seeds=np.arange(len(parsed)))  # fmt: skip
+            written.append(str(path))
+    return written
+
+
 def map_cleanups() -> dict:
     """The lesion-map clean-ups that ``cleanup`` scores, by name: MONAI transforms on a binary ``(1, H, W)`` map."""
     from monai.transforms import Compose, FillHoles, KeepLargestConnectedComponent
@@ -478,4 +548,4 @@ def thresholds(out: str = "runs/cv", sensitivity: float = 0.9) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(BUNDLE))
     fire.Fire({"downscale": downscale, "folds": folds, "train": train, "predict": predict, "report": report,
-               "thresholds": thresholds, "compare": compare, "cleanup": cleanup})
+               "thresholds": thresholds, "compare": compare, "cleanup": cleanup, "mix": mix})
