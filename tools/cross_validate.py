@@ -427,6 +427,7 @@ def mix(members: str | list[str], out: str) -> list[str]:
         raise FileNotFoundError(f"no fold*.json in {parsed[0][0]}")
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
+    written = []
     for fold_file in fold_files:
         for folder, _ in parsed[1:]:
             if (folder / fold_file.name).read_bytes() != fold_file.read_bytes():
@@ -437,10 +438,8 @@ def mix(members: str | list[str], out: str) -> list[str]:
             run, link = (folder / f"fold{fold}_seed{seed}").resolve(), target / f"fold{fold}_seed{index}"
             if run.is_dir() and not link.exists():
                 link.symlink_to(run, target_is_directory=True)
-    written = []
-    for fold_file in fold_files:
         for split in ("test", "validation"):
-            sources = [prediction_path(str(folder), int(fold_file.stem[4:]), split) for folder, _ in parsed]
+            sources = [prediction_path(str(folder), fold, split) for folder, _ in parsed]
             if not all(path.is_file() for path in sources):
                 continue
             loaded = [dict(np.load(path)) for path in sources]
@@ -454,7 +453,7 @@ def mix(members: str | list[str], out: str) -> list[str]:
                 rows.append(int(found[0]))
             stacked = {key: np.stack([data[key][row] for data, row in zip(loaded, rows)])
                        for key in ("cls", "seg", "augmented_cls", "val_score", "epochs")}  # fmt: skip
-            path = prediction_path(out, int(fold_file.stem[4:]), split)
+            path = prediction_path(out, fold, split)
             np.savez_compressed(path, **stacked, label=loaded[0]["label"], augmented_label=loaded[0]["augmented_label"],
                                 seeds=np.arange(len(parsed)))  # fmt: skip
             written.append(str(path))
