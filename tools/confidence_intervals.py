@@ -82,8 +82,8 @@ def headline(results: dict[str, np.ndarray], indices: np.ndarray | None = None) 
     chosen = np.arange(len(results["labels"])) if indices is None else indices
     labels, preds = results["labels"][chosen], results["preds"][chosen]
     lesion, normal = labels > 0, labels == 0
-    metrics = classification_metrics(results["probs"][chosen], preds, labels, list(results["class_names"]))
-    malignant = len(results["class_names"]) - 1
+    class_names = list(results["class_names"])
+    metrics = classification_metrics(results["probs"][chosen], preds, labels, class_names)
     return {
         "dice": float(results["dice"][chosen][lesion].mean()),
         "iou": float(results["iou"][chosen][lesion].mean()),
@@ -91,7 +91,7 @@ def headline(results: dict[str, np.ndarray], indices: np.ndarray | None = None) 
         "accuracy": metrics["accuracy"],
         "macro_f1": metrics["macro_f1"],
         "macro_auc": metrics["macro_auc"],
-        "malignant_recall": float((preds[labels == malignant] == malignant).mean()),
+        "malignant_recall": metrics["per_class"][class_names[-1]]["recall"],
         "lesion_called_normal": float((preds[lesion] == 0).mean()),
     }
 
