@@ -45,7 +45,8 @@ def test_a_perfect_model_meets_every_target_with_no_spread(fold_targets, tmp_pat
     result = fold_targets.targets(cv=str(tmp_path), members=2)
     assert result["subsets"] == 3 and result["images"] == {"normal": 6, "benign": 9, "malignant": 9}
     for decision in fold_targets.DECISIONS:
-        assert all(entry["met"] for entry in result[decision].values()), result[decision]
+        assert all(result[decision][key]["met"] for key in fold_targets.TARGETS), result[decision]
+        assert result[decision]["score"]["met"] is None and result[decision]["score"]["mean"] == pytest.approx(1.0)
         assert result[decision]["dice"]["mean"] == pytest.approx(1.0)
         assert all(entry["sd"] == pytest.approx(0.0) for entry in result[decision].values())
     assert json.loads((tmp_path / "targets_members2.json").read_text())["members"] == 2
