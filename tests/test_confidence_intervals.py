@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -91,3 +92,45 @@ def test_maps_that_do_not_fit_the_table_are_named(ci, eval_dir):
     np.savez_compressed(eval_dir / "per_image_maps.npz", **maps)
     with pytest.raises(ValueError, match="per_image_maps.npz .* 9 rows of .*per_image.csv"):
         ci.load_evaluation(eval_dir)
+
+
+def test_grouped_resamples_draw_whole_groups_and_match_the_image_bootstrap_for_singletons(ci):
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 1, 0, 2, 2])
+    groups = np.array([5, 5, 7, 7, 8, 9, 9, 8, 6, 3, 4])
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        drawn = ci.grouped_resample(labels, groups, rng)
+        for group in np.unique(groups):
+            # a drawn group brings all its images, as often as it was drawn
+            assert np.count_nonzero(groups[drawn] == group) % np.count_nonzero(groups == group) == 0, group
+    singletons = np.arange(len(labels))
+    first, second = np.random.default_rng(4), np.random.default_rng(4)
+    for _ in range(5):
+        np.testing.assert_array_equal(ci.grouped_resample(labels, singletons, first),
+                                      ci.stratified_resample(labels, second))  # fmt: skip
+
+
+def test_duplicate_groups_widen_the_interval_that_counted_them_as_images(ci, eval_dir):
+    results = ci.load_evaluation(eval_dir)
+    copies = 4  # every image four times, as near-duplicate frames of one scene
+    tiled = {key: value if key == "class_names" else np.repeat(value, copies, axis=0) for key, value in results.items()}
+    groups = np.repeat(np.arange(len(results["labels"])), copies)
+    as_images = ci.bootstrap(tiled, resamples=200, seed=2)
+    as_groups = ci.bootstrap(tiled, resamples=200, seed=2, groups=groups)
+    assert as_groups["num_groups"] == 9 and as_images["num_groups"] is None
+    for key in ("dice", "accuracy", "macro_f1"):
+        assert as_groups[key]["value"] == as_images[key]["value"], key
+        assert as_groups[key]["high"] - as_groups[key]["low"] > 1.5 * (as_images[key]["high"] - as_images[key]["low"])
+
+
+def test_main_groups_by_the_datalist_and_names_an_image_it_lacks(ci, eval_dir):
+    names = ci.load_evaluation(eval_dir)["filenames"]
+    datalist = eval_dir / "datalist.json"
+    entries = [{"image": f"class/{name}", "group": i // 2} for i, name in enumerate(names)]
+    datalist.write_text(json.dumps({"training": [], "test": entries, "description": "generated"}))
+    table = ci.main(str(eval_dir), resamples=50, datalist=str(datalist))
+    assert f"{len(names)} images in {(len(names) + 1) // 2} groups" in table
+    assert json.loads((eval_dir / "confidence_intervals.json").read_text())["num_groups"] == (len(names) + 1) // 2
+    datalist.write_text(json.dumps({"test": entries[1:]}))
+    with pytest.raises(ValueError, match=re.escape(f"does not hold '{names[0]}'")):
+        ci.main(str(eval_dir), resamples=50, datalist=str(datalist))
