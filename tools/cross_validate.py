@@ -279,11 +279,18 @@ def _scores(
             **augmented_scores(aug_cls, aug_label)}  # fmt: skip
 
 
+def ensemble_outputs(data: dict, members=slice(None)) -> dict[str, np.ndarray]:
+    """The ensemble of ``members`` (indices or a mask into the seed axis) of one fold's stored predictions: mean class
+    probabilities ``cls``, mean lesion probabilities ``seg`` and the label maps, as ``ablate.score`` takes them."""
+    seg = data["seg"][members].astype(np.float32) / 255.0
+    return {"cls": data["cls"][members].mean(0), "seg": seg.mean(0), "label": data["label"]}
+
+
 def _ensemble_scores(data: dict, members=slice(None), map_cleanup=None) -> dict:
     """Scores of the mean probabilities of ``members`` (indices or a mask into the seed axis) of one fold's data
     (``map_cleanup``: see ``ablate.score``)."""
-    seg = data["seg"][members].astype(np.float32) / 255.0
-    return _scores(data["cls"][members].mean(0), seg.mean(0), data["label"], data["augmented_cls"][members].mean(0),
+    outputs = ensemble_outputs(data, members)
+    return _scores(outputs["cls"], outputs["seg"], outputs["label"], data["augmented_cls"][members].mean(0),
                    data["augmented_label"], map_cleanup)  # fmt: skip
 
 

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 from ablate import image_classes, malignant_operating_point, score  # noqa: E402
+from cross_validate import ensemble_outputs  # noqa: E402
 
 from scripts.metrics import lesion_dice_iou  # noqa: E402
 
@@ -66,12 +67,6 @@ def _load_folds(cv: str | Path) -> list[tuple[dict, dict]]:
     return pairs
 
 
-def _ensemble(data: dict, members: list[int]) -> dict[str, np.ndarray]:
-    """Mean class and lesion probabilities of ``members`` (indices into the seed axis) and the label maps."""
-    seg = data["seg"][members].astype(np.float32) / 255.0
-    return {"cls": data["cls"][members].mean(0), "seg": seg.mean(0), "label": data["label"]}
-
-
 def target_met(metric: str, value: float) -> bool:
     """Whether ``value`` of ``metric`` meets issue #11's target."""
     direction, bound = TARGETS[metric]
@@ -102,10 +97,10 @@ def targets(cv: str = "runs/cv", members: int = 3, sensitivity: float = 0.9) -> 
         per_fold: dict[str, list[dict]] = {decision: [] for decision in DECISIONS}
         fold_thresholds = []
         for held_out, validation in folds:
-            val = _ensemble(validation, subset)
+            val = ensemble_outputs(validation, subset)
             threshold = malignant_operating_point(val["cls"], image_classes(val["label"]), sensitivity)["threshold"]
             fold_thresholds.append(threshold)
-            ensemble = _ensemble(held_out, subset)
+            ensemble = ensemble_outputs(held_out, subset)
             per_fold["argmax"].append(score(ensemble))
             per_fold["operating_point"].append(score(ensemble, malignant_threshold=threshold))
         thresholds.append(fold_thresholds)
@@ -153,7 +148,7 @@ def dice_losses(cv: str = "runs/cv", lesion_threshold: float = 0.5) -> dict:
     dice_per_image, causes = [], []
     for path in paths:
         data = dict(np.load(path))
-        ensemble = _ensemble(data, list(range(len(data["seeds"]))))
+        ensemble = ensemble_outputs(data)
         classes, preds = image_classes(ensemble["label"]), ensemble["cls"].argmax(1)
         for i in np.flatnonzero(classes > 0):
             shipped = (ensemble["seg"][i] > lesion_threshold) & (preds[i] != 0)
