@@ -173,7 +173,10 @@ def run_bundle(parser, no_meta: bool = False) -> dict:
     timer = Timer()
     timer.attach(trainer, validator)
     parser.get_parsed_content("run")
-    return {"cache_s": cache_s, "epochs": timer.epochs, "parameters": count_parameters(trainer.network)}
+    # what amp "auto" chose (scripts.inferers.decide_autocast), decided at the first batch
+    autocast = getattr(trainer.inferer, "enabled", None)
+    return {"cache_s": cache_s, "epochs": timer.epochs, "parameters": count_parameters(trainer.network),
+            "autocast": autocast}  # fmt: skip
 
 
 def two_model_parts(kind: str):

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from scripts.common import as_bool
-from scripts.inferers import AutocastInferer, OnnxRuntimeNetwork, resolve_amp, select_backend
+from scripts.inferers import AutocastInferer, OnnxRuntimeNetwork, decide_autocast, select_backend
 from scripts.net import MultiTaskResUNet
 
 from .conftest import REPO_ROOT
@@ -170,8 +170,11 @@ def test_bf16_channels_last_inferer_is_close_to_float32(network):
     assert torch.equal(found["cls"].argmax(1), expected["cls"].argmax(1))
 
 
-def test_benchmark_backends_are_the_tested_ones(network):
+def test_benchmark_backends_are_the_tested_ones(monkeypatch, network):
     """``bench/backends.py`` builds the same back-ends; what the benchmark times matches eager PyTorch."""
+    import scripts.inferers as inferers
+
+    monkeypatch.setattr(inferers, "autocast_speedup", lambda *args, **kwargs: 0.5)  # "auto" keeps float32
     sys.path.insert(0, str(REPO_ROOT / "bench"))
     try:
         import backends
@@ -184,8 +187,8 @@ def test_benchmark_backends_are_the_tested_ones(network):
         found = predict(x)
         for key in OUTPUTS:
             assert found[key].dtype == torch.float32 and found[key].shape == expected[key].shape
-            # bf16 tolerance, as above; the default autocasts where this CPU computes bf16 natively
-            if name.endswith("bf16") or (name == "default" and resolve_amp("auto", "cpu")):
+            # bf16 tolerance, as above; the default stays float32 here (autocast timed slower)
+            if name.endswith("bf16"):
                 difference = (found[key].softmax(1) - expected[key].softmax(1)).abs()
                 assert difference.max() < 0.05 and difference.mean() < 0.005, (name, key, float(difference.max()))
             else:
@@ -201,18 +204,24 @@ def test_inferer_switches_given_as_text():
         AutocastInferer(enabled="maybe")
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_follows_the_hardware(monkeypatch, caplog, network, native):
-    """``amp="auto"`` (the configs' default) autocasts only where bf16 is native, and says so once in the log."""
+@pytest.mark.parametrize("native, speedup", [(True, 2.0), (True, 0.7), (True, 1.05), (False, 2.0)])
+def test_auto_precision_follows_the_hardware(monkeypatch, caplog, network, native, speedup):
+    """``amp="auto"`` (the configs' default) autocasts only where bf16 is native and a timed pass finds it at least
+    1.1x faster than float32; the CPU without native bf16 is not timed; the choice is logged once."""
     import scripts.inferers as inferers
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    timed = []
+    monkeypatch.setattr(inferers, "autocast_speedup", lambda *args, **kwargs: timed.append(kwargs) or speedup)
     assert inferers.native_bf16("cpu") is native
     assert inferers.resolve_amp("auto", "cpu") is native
     assert inferers.resolve_amp("AUTO", "meta") is False
     assert inferers.resolve_amp("auto", "cpu", dtype="float16") is False, "float16 autocast only on CUDA"
-    for explicit in (True, "true", False, "False"):  # an explicit choice wins over the hardware
+    for explicit in (True, "true", False, "False"):  # an explicit choice wins over the hardware and the timing
         assert inferers.resolve_amp(explicit, "cpu") is as_bool(explicit)
+        assert decide_autocast(explicit, network, inputs(1))[0] is as_bool(explicit)
+    assert not timed, "explicit choices are not timed"
+    expected = native and speedup >= 1.1
     seen = []
     monkeypatch.setattr(torch, "autocast", lambda **kwargs: seen.append(kwargs) or contextlib.nullcontext())
     inferer = AutocastInferer(channels_last=False)
@@ -220,12 +229,39 @@ def test_auto_precision_follows_the_hardware(monkeypatch, caplog, network, nativ
     with caplog.at_level(logging.INFO, logger=inferers.__name__), torch.no_grad():
         for _ in range(3):
             inferer(inputs(1), network)
-    assert inferer.enabled is native
-    assert [kwargs["enabled"] for kwargs in seen] == [native] * 3
+    assert inferer.enabled is expected
+    assert [kwargs["enabled"] for kwargs in seen] == [expected] * 3
     assert seen[0]["device_type"] == "cpu" and seen[0]["dtype"] == torch.bfloat16
+    assert timed == ([{"backward": False}] if native else []), "timed once, forward only without gradients"
     messages = [r.getMessage() for r in caplog.records if r.name == inferers.__name__]
-    assert len(messages) == 1 and ("bfloat16 autocast" if native else "float32") in messages[0], messages
+    assert len(messages) == 1 and ("bfloat16 autocast" if expected else "float32") in messages[0], messages
+    if native:
+        assert f"{speedup:.2f}x" in messages[0], messages
     assert AutocastInferer(enabled="false").enabled is False
+
+
+def test_autocast_timing_leaves_the_training_untouched(network):
+    """Timing a training step on the first batch must not change the network, its gradients or the random draws
+    that follow; it times forward and backward where gradients are enabled."""
+    from scripts.inferers import autocast_speedup
+
+    network.train()
+    try:
+        state = {key: value.clone() for key, value in network.state_dict().items()}
+        rng = torch.random.get_rng_state()
+        speedup = autocast_speedup(network, inputs(2), backward=True, repeats=1)
+        assert np.isfinite(speedup) and speedup > 0
+        assert network.training, "the mode stays as it was"
+        assert all(torch.equal(state[key], value) for key, value in network.state_dict().items()), "weights, stats"
+        assert all(parameter.grad is None for parameter in network.parameters())
+        assert torch.equal(torch.random.get_rng_state(), rng)
+    finally:
+        network.eval()
+
+
+def test_onnxruntime_backend_is_not_autocast(network):
+    enabled, reason = decide_autocast("auto", OnnxRuntimeNetwork(network), inputs(1))
+    assert enabled is False and "ONNX Runtime" in reason
 
 
 def test_configs_choose_precision_by_hardware():

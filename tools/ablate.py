@@ -49,7 +49,7 @@ for _path in (BUNDLE, REPO / "tools"):  # the bundle's scripts; prepare_datalist
 
 from prepare_datalist import create_datalist  # noqa: E402
 
-from scripts.inferers import resolve_amp  # noqa: E402
+from scripts.inferers import decide_autocast  # noqa: E402
 
 
 def _light_augmentation() -> list:
@@ -224,7 +224,7 @@ def predict_split_checkpoints(
         network.return_embedding = True
         networks.append(network)
     device_type = torch.device(device).type
-    autocast = resolve_amp(parser["amp"], device_type)
+    autocast = None  # decided at the first batch, as the bundle's inferer decides it
     per_network = [{"seg": [], "logits": [], "embedding": []} for _ in networks]
     labels = []
     for start in range(0, len(items), 16):
@@ -232,6 +232,8 @@ def predict_split_checkpoints(
         images = torch.stack([b["image"].as_tensor() for b in batch]).to(device)
         images = images.contiguous(memory_format=torch.channels_last)
         views = [images, images.flip(2)] if tta else [images]
+        if autocast is None:
+            autocast = decide_autocast(parser["amp"], networks[0], images)[0]
         labels += [b["label"].as_tensor()[0] for b in batch]
         for network, collected in zip(networks, per_network):
             seg, logits = [], []

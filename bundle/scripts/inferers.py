@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import time
 from typing import Any
 
 import torch
@@ -12,7 +15,10 @@ from monai.utils import look_up_option, optional_import
 
 from .common import as_bool
 
-__all__ = ["AutocastInferer", "OnnxRuntimeNetwork", "native_bf16", "resolve_amp", "select_backend"]
+__all__ = [
+    "AutocastInferer", "OnnxRuntimeNetwork", "autocast_speedup", "decide_autocast", "native_bf16", "resolve_amp",
+    "select_backend",
+]
 
 onnxruntime, has_onnxruntime = optional_import("onnxruntime")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,22 +43,111 @@ def resolve_amp(amp: bool | str, device_type: str, dtype: str = "bfloat16") -> b
     return device_type == "cuda" if dtype == "float16" else native_bf16(device_type)
 
 
+def _total(outputs: Any) -> torch.Tensor:
+    tensors = outputs.values() if isinstance(outputs, dict) else [outputs]
+    return sum(value.float().mean() for value in tensors if torch.is_floating_point(value))
+
+
+def autocast_speedup(
+    network: torch.nn.Module, inputs: torch.Tensor, dtype: str = "bfloat16", backward: bool = False, repeats: int = 2
+) -> float:
+    """How many times faster a pass of ``network`` on ``inputs`` runs on the CPU under ``dtype`` autocast than in
+    float32. Native bf16 does not make bf16 faster: with the same AVX-512 BF16 flags, a training step of the bundle's
+    network takes 1.6x as long under bf16 autocast as in float32 on a 2-core Intel Xeon, and about as long on an AMD
+    EPYC (``bench/results/precision``).
+
+    A copy of the network is timed, with the random number generators restored afterwards, so that the network's
+    weights, gradients and normalisation statistics and the random draws of a training stay as they are.
+
+    Args:
+        network: the network, in the mode (train or eval) of the passes that will follow.
+        inputs: a batch as the network will get it.
+        dtype: ``"bfloat16"`` (``"float16"`` is timed as well, though CPUs rarely compute it natively).
+        backward: time forward and backward passes (a training step without the optimiser), else forward passes
+            without gradients.
+        repeats: timed passes per precision, after one untimed pass each (oneDNN builds its kernels then); the
+            fastest counts.
+
+    Returns:
+        float32 time divided by autocast time: above 1, autocast is faster.
+    """
+    probe = copy.deepcopy(network)
+    fastest = {False: math.inf, True: math.inf}
+    with torch.random.fork_rng(devices=[]), torch.set_grad_enabled(backward):
+        for repeat in range(repeats + 1):
+            for enabled in (False, True):  # alternating, so that other load on the machine slows both alike
+                start = time.perf_counter()
+                with torch.autocast("cpu", dtype=look_up_option(dtype, AUTOCAST_DTYPES), enabled=enabled):
+                    outputs = probe(inputs)
+                if backward:
+                    _total(outputs).backward()
+                    probe.zero_grad(set_to_none=True)
+                if repeat:
+                    fastest[enabled] = min(fastest[enabled], time.perf_counter() - start)
+    return fastest[False] / fastest[True]
+
+
+def decide_autocast(
+    amp: bool | str, network: torch.nn.Module, inputs: torch.Tensor, dtype: str = "bfloat16",
+    min_speedup: float = 1.1,
+) -> tuple[bool, str]:  # fmt: skip
+    """Whether to autocast ``network`` on ``inputs``, and why (for the log). ``amp="auto"``: on CUDA where it
+    computes ``dtype`` natively; on a CPU only where it computes ``dtype`` natively and :func:`autocast_speedup`
+    (forward and backward passes when gradients are enabled, as in training) finds autocast at least
+    ``min_speedup`` times faster than float32. Otherwise as ``amp`` (a bool or its text) says.
+
+    Args:
+        amp: ``"auto"``, or a bool or its text.
+        network: the network the passes will run (an :class:`OnnxRuntimeNetwork` never autocasts).
+        inputs: the first batch.
+        dtype: ``"bfloat16"`` or ``"float16"``.
+        min_speedup: the speed-up autocast must show on a CPU; the margin keeps float32, the exact choice, where the
+            two run about as fast, so that timing noise does not flip the decision between runs.
+
+    Returns:
+        ``(autocast, reason)``.
+    """
+    device = inputs.device.type
+    if str(amp).strip().lower() != AUTO:
+        enabled = as_bool(amp, "amp")
+        return enabled, f"{dtype} autocast forced" if enabled else "float32 (amp off)"
+    if isinstance(network, OnnxRuntimeNetwork):
+        return False, "float32 (ONNX Runtime back-end)"
+    if not resolve_amp(AUTO, device, dtype):
+        return False, f"float32 ({device} has no native {dtype}; --amp True forces autocast)"
+    if device != "cpu":
+        return True, f"{dtype} autocast ({device} computes it natively)"
+    if isinstance(network, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        network = network.module  # a copy of the wrapper would join the other ranks' collectives
+    backward = torch.is_grad_enabled()
+    speedup = autocast_speedup(network, inputs, dtype, backward=backward)
+    what = "training step" if backward else "forward pass"
+    if speedup >= min_speedup:
+        return True, f"{dtype} autocast (native on this CPU; a {what} timed {speedup:.2f}x faster than float32)"
+    return False, (
+        f"float32 (this CPU computes {dtype} natively, but a {what} timed {speedup:.2f}x the speed of float32, "
+        f"below {min_speedup}x; --amp True forces autocast)"
+    )
+
+
 class AutocastInferer(Inferer):
     """Run the network under ``torch.autocast`` for the inputs' device type (MONAI's engines autocast on CUDA only)
     with channels-last inputs, and return float32 outputs.
 
     Args:
-        enabled: ``"auto"``: :func:`resolve_amp` for the inputs' device, decided and logged at the first call;
-            ``True`` / ``False`` (or their text) force autocast on or off.
+        enabled: ``"auto"``: :func:`decide_autocast` for the network and the first inputs (on a CPU with native
+            bf16, a timed pass of each precision), decided and logged at the first call; ``True`` / ``False`` (or
+            their text) force autocast on or off.
         dtype: ``"bfloat16"`` or ``"float16"`` (CUDA only; it needs a gradient scaler to train).
         channels_last: convert inputs to channels-last memory format (convert the network too); text is accepted.
         flip_views: also run the network on the image mirrored along its first spatial axis and add each output of
             a dict, mirrored back, as ``<key>_flipped`` (``scripts.reliability`` compares the views).
+        min_speedup: see :func:`decide_autocast`.
     """
 
     def __init__(
         self, enabled: bool | str = AUTO, dtype: str = "bfloat16", channels_last: bool | str = True,
-        flip_views: bool | str = False,
+        flip_views: bool | str = False, min_speedup: float = 1.1,
     ) -> None:  # fmt: skip
         super().__init__()
         self.enabled: bool | None = None if str(enabled).strip().lower() == AUTO else as_bool(enabled, "enabled")
@@ -60,6 +155,7 @@ class AutocastInferer(Inferer):
         self.dtype = look_up_option(dtype, AUTOCAST_DTYPES)
         self.channels_last = as_bool(channels_last, "channels_last")
         self.flip_views = as_bool(flip_views, "flip_views")
+        self.min_speedup = min_speedup
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> Any:
         """``network(inputs, *args, **kwargs)`` in float32 (a tensor or a dict of tensors)."""
@@ -68,12 +164,8 @@ class AutocastInferer(Inferer):
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         device = inputs.device.type
         if self.enabled is None:  # "auto", decided once
-            self.enabled = resolve_amp(AUTO, device, self.dtype_name)
-            logger.info(
-                f"precision: {self.dtype_name} autocast ({device} computes it natively)"
-                if self.enabled
-                else f"precision: float32 ({device} has no native {self.dtype_name}; --amp True forces autocast)"
-            )
+            self.enabled, reason = decide_autocast(AUTO, network, inputs, self.dtype_name, self.min_speedup)
+            logger.info(f"precision: {reason}")
         with torch.autocast(device_type=device, dtype=self.dtype, enabled=self.enabled):
             outputs = network(inputs, *args, **kwargs)
             flipped = network(inputs.flip(2), *args, **kwargs) if self.flip_views else {}
