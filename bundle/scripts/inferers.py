@@ -53,7 +53,7 @@ def autocast_speedup(
 ) -> float:
     """How many times faster a pass of ``network`` on ``inputs`` runs on the CPU under ``dtype`` autocast than in
     float32. Native bf16 does not make bf16 faster: with the same AVX-512 BF16 flags, a training step of the bundle's
-    network takes 1.6x as long under bf16 autocast as in float32 on a 2-core Intel Xeon, and about as long on an AMD
+    network takes 1.4-1.6x as long under bf16 autocast as in float32 on a 2-core Intel Xeon, and as long on an AMD
     EPYC (``bench/results/precision``).
 
     A copy of the network is timed, with the random number generators restored afterwards, so that the network's
