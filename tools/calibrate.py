@@ -352,7 +352,8 @@ def main(
             (``validation_and_augmented``, since 0.5.1: it kept more held-out cancers in cross-validation,
             ``weights/README.md``).
         amp: the bundle's ``amp`` for the split predictions; float32 by default, so that what is fitted does not
-            depend on whether this CPU computes bf16 natively (the augmented and outlier passes are float32 anyway).
+            depend on the CPU (``"auto"`` may choose bf16 where it is faster; the augmented and outlier passes are
+            float32 anyway).
         write: write the statistics, the configs and the docs (``False``: print only).
     """
     if threshold_rule not in ablate.THRESHOLD_RULES:
