@@ -79,6 +79,7 @@ def make_predictor(name: str, network: torch.nn.Module, example: torch.Tensor, t
             with torch.inference_mode():
                 return inferer(x, channels_last)
 
+        predict.inferer = inferer  # what "auto" chose, after the first call: predict.inferer.enabled
         return predict
     if name == "torchscript":
         scripted = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(copy.deepcopy(network))))

@@ -83,6 +83,8 @@ def main() -> None:
             "batch16_images_per_s": 16 / median(throughput),
         }
         print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
+        if hasattr(predict, "inferer"):  # autocast on or off, as forced or as amp "auto" decided at the first call
+            results[name]["autocast"] = predict.inferer.enabled
     write_json(
         __import__("pathlib").Path(args.out),
         {"size": args.size, "members": args.members, "encoder": parser["network_def#encoder"],
